@@ -1,0 +1,43 @@
+# lfm2edge: `make demo` runs the main job, `make test` the tests. Both set everything up first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lfm2edge-installed
+MODEL  ?= LiquidAI/LFM2.5-ColBERT-350M
+PYTEST_ARGS ?=
+
+.PHONY: setup llama test demo bench lint clean
+
+# The virtualenv with the project and its extras. The patched llama-cpp-python is built and
+# installed first (patches/build.py), so pip finds llama-cpp-python==0.3.36 already there and
+# never compiles the stock sdist itself. torch==2.13.0 is the CPU build.
+$(STAMP): pyproject.toml patches/build.py $(wildcard patches/*/*.patch)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip setuptools wheel "scikit-build-core>=0.9.2"
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) patches/build.py --python $(PY)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Rebuilds llama-cpp-python only when its flags or patches changed (seconds otherwise).
+setup: $(STAMP)
+	@$(PY) patches/build.py --python $(PY)
+
+# The stock binding (no lfm2edge patches): LFM2EDGE_PATCHES=0 make setup test
+llama: $(STAMP)
+	$(PY) patches/build.py --python $(PY)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m lfm2edge.runtime.demo --model "$(MODEL)"
+
+bench: setup
+	$(VENV)/bin/lfm2edge bench
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

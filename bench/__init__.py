@@ -1,0 +1,1 @@
+"""Latency, throughput and fidelity benchmarks, side by side with the PyTorch reference."""

@@ -1,0 +1,1 @@
+"""HF LFM2 retriever checkpoints to upstream-compatible GGUF files, with our retrieval settings inside."""

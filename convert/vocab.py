@@ -1,0 +1,70 @@
+"""The tokenizer as GGUF wants it: gpt2 BPE with pre-tokenizer ``lfm2``, one token per embedding row.
+
+Upstream's converter finds the pre-tokenizer by hashing a probe text's ids; a tokenizer it
+has not seen (our test tokenizers) would fail there. LFM2 tokenizers all split as ``lfm2``
+(Llama-3 regex, byte-level, ignore_merges), so we write it directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+from lfm2edge.runtime.errors import CheckpointError
+
+PRE_TOKENIZER = "lfm2"
+
+
+@dataclass(frozen=True)
+class Vocab:
+    tokens: list[str]
+    token_types: list[int]
+    special: gguf.SpecialVocab  # merges, BOS/EOS/PAD ids, add_bos/add_eos
+
+
+def _looks_special(token: str) -> bool:
+    return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<") and token.endswith(">"))
+
+
+def load_vocab(checkpoint_dir: Path, vocab_size: int) -> Vocab:
+    """Tokens and types for ``vocab_size`` rows; ids the tokenizer lacks become UNUSED placeholders."""
+    from tokenizers import Tokenizer
+
+    path = checkpoint_dir / "tokenizer.json"
+    if not path.exists():
+        raise CheckpointError(f"{checkpoint_dir} has no tokenizer.json; lfm2edge needs the fast tokenizer file")
+    tok = Tokenizer.from_file(str(path))
+    vocab = tok.get_vocab(with_added_tokens=True)
+    if len(vocab) > vocab_size:
+        raise CheckpointError(
+            f"the tokenizer has {len(vocab)} tokens but the embedding table only {vocab_size} rows: "
+            "tokenizer.json and config.json do not belong together"
+        )
+    added = tok.get_added_tokens_decoder()
+    by_id = {i: t for t, i in vocab.items()}
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            token = added[i]
+            tokens.append(token.content)
+            looks = token.special or _looks_special(token.content)
+            types.append(gguf.TokenType.CONTROL if looks else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    special = gguf.SpecialVocab(checkpoint_dir, load_merges=True, n_vocab=vocab_size)
+    return Vocab(tokens, types, special)
+
+
+def write_vocab(writer: gguf.GGUFWriter, vocab: Vocab) -> None:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(PRE_TOKENIZER)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.token_types)
+    vocab.special.add_to_gguf(writer)

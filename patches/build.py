@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""Build llama-cpp-python from its pinned sdist with lfm2edge's patch series, cached.
+
+Steps: download the sdist with pip and check its sha256; unpack it; apply
+``patches/binding/*.patch`` at the sdist root and ``patches/llama.cpp/*.patch`` in
+``vendor/llama.cpp`` (each in name order, ``patch -p1``); build a wheel with CMake flags
+that suit this platform; keep it in a wheelhouse keyed by version + flags + patch
+contents; install it into the given Python. A second run with nothing changed finds the
+wheel already installed and returns in about a second.
+
+Environment:
+  LFM2EDGE_CMAKE_ARGS   replaces the CMake flags chosen for this platform
+  LFM2EDGE_PATCHES=0    build the stock binding (no patches): the fallback path
+  LFM2EDGE_CACHE        cache folder (default ~/.cache/lfm2edge)
+
+Uses only the standard library: it runs before the project's own dependencies exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+VERSION = "0.3.36"
+SDIST = f"llama_cpp_python-{VERSION}.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+VENDORED_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+
+PATCH_DIR = Path(__file__).resolve().parent
+# Written into the wheel so the runtime can report what it runs (lfm2edge.runtime.build).
+BUILD_INFO = "llama_cpp/lfm2edge_build.json"
+
+
+class BuildError(RuntimeError):
+    """A build step failed; the message says what to install or change."""
+
+
+def log(msg: str) -> None:
+    print(f"[llama-build] {msg}", flush=True)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LFM2EDGE_CACHE", Path.home() / ".cache" / "lfm2edge"))
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def platform_cmake_args() -> list[str]:
+    """CMake flags for this platform; LFM2EDGE_CMAKE_ARGS overrides them all."""
+    if "LFM2EDGE_CMAKE_ARGS" in os.environ:
+        return os.environ["LFM2EDGE_CMAKE_ARGS"].split()
+    args = ["-DLLAVA_BUILD=OFF", "-DLLAMA_OPENSSL=OFF"]
+    system, machine = platform.system(), platform.machine().lower()
+    if system == "Darwin" and machine == "arm64":
+        return args + ["-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"]
+    if system == "Linux" and machine in ("x86_64", "amd64"):
+        # Native builds on AMX Xeons compile ggml's AMX path, which segfaults on every
+        # quantized model (llama.cpp #20824): pick the ISA explicitly, AMX off.
+        flags = cpu_flags()
+        isa = {
+            "GGML_AVX": "avx",
+            "GGML_AVX2": "avx2",
+            "GGML_FMA": "fma",
+            "GGML_F16C": "f16c",
+            "GGML_BMI2": "bmi2",
+            "GGML_AVX512": "avx512f",
+            "GGML_AVX512_VNNI": "avx512_vnni",
+            "GGML_AVX512_BF16": "avx512_bf16",
+            "GGML_AVX512_VBMI": "avx512vbmi",
+        }
+        args.append("-DGGML_NATIVE=OFF")
+        args += [f"-D{opt}={'ON' if flag in flags else 'OFF'}" for opt, flag in isa.items()]
+        return args
+    return args + ["-DGGML_NATIVE=ON"]
+
+
+def patch_series(enabled: bool) -> list[tuple[str, Path]]:
+    """(target folder inside the sdist, patch file), binding first, each in name order."""
+    if not enabled:
+        return []
+    series = [(".", p) for p in sorted((PATCH_DIR / "binding").glob("*.patch"))]
+    series += [("vendor/llama.cpp", p) for p in sorted((PATCH_DIR / "llama.cpp").glob("*.patch"))]
+    return series
+
+
+def build_key(cmake_args: list[str], series: list[tuple[str, Path]]) -> str:
+    h = hashlib.sha256()
+    h.update(f"{VERSION}\n{SDIST_SHA256}\n{sys.version_info[:2]}\n".encode())
+    h.update(" ".join(cmake_args).encode())
+    for target, path in series:
+        h.update(f"\n{target}/{path.name}\n".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run(cmd: list[str], what: str, **kw) -> None:
+    try:
+        subprocess.run(cmd, check=True, **kw)
+    except FileNotFoundError as e:
+        raise BuildError(f"{what}: '{cmd[0]}' not found. Install it (Debian: apt-get install {cmd[0]}).") from e
+    except subprocess.CalledProcessError as e:
+        raise BuildError(f"{what} failed (exit {e.returncode}): {' '.join(cmd)}") from e
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_sdist(python: str) -> Path:
+    target = cache_dir() / "sdist" / SDIST
+    if not target.exists():
+        log(f"downloading {SDIST} with pip")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            run(
+                [python, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                 "--no-build-isolation", "-d", tmp, f"llama-cpp-python=={VERSION}"],
+                "downloading the llama-cpp-python sdist (needs PyPI)",
+            )
+            os.replace(Path(tmp) / SDIST, target)
+    digest = sha256(target)
+    if digest != SDIST_SHA256:
+        target.unlink()
+        raise BuildError(f"{SDIST} has sha256 {digest}, expected {SDIST_SHA256}; deleted it, run again")
+    return target
+
+
+def apply_patches(src: Path, series: list[tuple[str, Path]]) -> None:
+    for target, path in series:
+        log(f"applying {path.parent.name}/{path.name}")
+        proc = subprocess.run(
+            ["patch", "-p1", "--forward", "--batch", "-d", str(src / target), "-i", str(path)],
+            capture_output=True, text=True,
+        )
+        if proc.returncode != 0:
+            raise BuildError(
+                f"patch {path.name} does not apply to {target} of llama-cpp-python {VERSION}:\n"
+                f"{proc.stdout}{proc.stderr}\nRebase the patch on the pinned tree, or build without "
+                "patches with LFM2EDGE_PATCHES=0."
+            )
+
+
+def build_wheel(python: str, key: str, cmake_args: list[str], series: list[tuple[str, Path]]) -> Path:
+    for tool in ("cmake", "cc", "c++", "patch"):
+        if shutil.which(tool) is None:
+            raise BuildError(f"'{tool}' is not installed; the build needs cmake, a C/C++ compiler and patch "
+                             "(Debian: apt-get install cmake build-essential patch).")
+    sdist = fetch_sdist(python)
+    # A stable source path lets ccache (used by ggml when installed) hit across builds.
+    src_root = cache_dir() / "src"
+    src = src_root / f"llama_cpp_python-{VERSION}"
+    shutil.rmtree(src, ignore_errors=True)
+    src_root.mkdir(parents=True, exist_ok=True)
+    log(f"unpacking to {src}")
+    with tarfile.open(sdist) as tar:
+        tar.extractall(src_root, filter="data")
+    apply_patches(src, series)
+    info = {
+        "version": VERSION,
+        "llama_cpp_commit": VENDORED_COMMIT,
+        "patches": [f"{Path(t).name if t != '.' else 'binding'}/{p.name}" for t, p in series],
+        "cmake_args": cmake_args,
+        "key": key,
+    }
+    (src / BUILD_INFO).write_text(json.dumps(info, indent=2))
+
+    env = dict(os.environ, CMAKE_ARGS=" ".join(cmake_args), CCACHE_BASEDIR=str(src_root))
+    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+    out = Path(tempfile.mkdtemp(prefix="wheel-", dir=cache_dir()))
+    log(f"building wheel (CMAKE_ARGS={env['CMAKE_ARGS']})")
+    run(
+        [python, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir",
+         "-C", f"build-dir={cache_dir() / 'build' / key}", "-w", str(out), str(src)],
+        "building llama-cpp-python (see the compiler output above)",
+        env=env,
+    )
+    wheels = list(out.glob("*.whl"))
+    if len(wheels) != 1:
+        raise BuildError(f"expected one wheel in {out}, found {wheels}")
+    house = cache_dir() / "wheelhouse" / key
+    house.mkdir(parents=True, exist_ok=True)
+    final = house / wheels[0].name
+    os.replace(wheels[0], final)  # atomic: a killed build never leaves a half wheel in the house
+    shutil.rmtree(out, ignore_errors=True)
+    return final
+
+
+def cached_wheel(key: str) -> Path | None:
+    house = cache_dir() / "wheelhouse" / key
+    wheels = sorted(house.glob("*.whl")) if house.is_dir() else []
+    return wheels[0] if wheels else None
+
+
+def installed_key(python: str) -> str | None:
+    code = (
+        "import importlib.util, json, pathlib, sys\n"
+        "s = importlib.util.find_spec('llama_cpp')\n"
+        "p = s and pathlib.Path(s.origin).parent / 'lfm2edge_build.json'\n"
+        "print(json.loads(p.read_text())['key'] if p and p.exists() else '')\n"
+    )
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    return proc.stdout.strip() or None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--python", default=sys.executable, help="interpreter to install into")
+    parser.add_argument("--print-key", action="store_true", help="print the cache key and exit")
+    args = parser.parse_args()
+
+    series = patch_series(os.environ.get("LFM2EDGE_PATCHES", "1") != "0")
+    cmake_args = platform_cmake_args()
+    key = build_key(cmake_args, series)
+    if args.print_key:
+        print(key)
+        return 0
+    if installed_key(args.python) == key:
+        log(f"llama-cpp-python {VERSION} [{key}] already installed")
+        return 0
+    try:
+        wheel = cached_wheel(key)
+        if wheel is None:
+            wheel = build_wheel(args.python, key, cmake_args, series)
+        else:
+            log(f"reusing cached wheel {wheel}")
+        run([args.python, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--no-cache-dir", str(wheel)],
+            "installing the llama-cpp-python wheel")
+        # The binding's own light dependencies (numpy, jinja2, diskcache, typing-extensions).
+        run([args.python, "-m", "pip", "install", "-q", str(wheel)], "installing llama-cpp-python's dependencies")
+    except BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    log(f"installed llama-cpp-python {VERSION} [{key}], patches: {[p.name for _, p in series] or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Which llama.cpp the runtime runs, and whether it can run bidirectional LFM2 correctly.
+
+A llama.cpp older than upstream build b9777 loads these GGUFs, makes attention
+bidirectional, but keeps the short conv causal: wrong vectors and no error. We refuse it.
+llama-cpp-python 0.3.31 vendors b9733 (too old); 0.3.32 vendors b9837, the first with support.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lfm2edge.runtime.errors import UnsupportedBuildError
+
+PINNED_BINDING = "0.3.36"
+FIRST_SUPPORTED_BINDING = (0, 3, 32)
+BUILD_INFO_FILE = "lfm2edge_build.json"  # written into the wheel by patches/build.py
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    binding_version: str
+    llama_cpp_commit: str  # "" when the build did not record it (a stock install)
+    patches: tuple[str, ...]  # names of the lfm2edge patches built in
+    cmake_args: tuple[str, ...]
+    system_info: str  # llama_print_system_info(): the compiled ISA
+
+    @property
+    def patched(self) -> bool:
+        return bool(self.patches)
+
+    def has_patch(self, stem: str) -> bool:
+        """Whether a patch whose file name contains ``stem`` is built in."""
+        return any(stem in p for p in self.patches)
+
+    @property
+    def amx(self) -> bool:
+        return "AMX_INT8 = 1" in self.system_info
+
+    def describe(self) -> str:
+        commit = self.llama_cpp_commit[:7] or "unknown commit"
+        patches = ", ".join(self.patches) if self.patches else "none (stock build)"
+        return f"llama-cpp-python {self.binding_version} (llama.cpp {commit}); lfm2edge patches: {patches}"
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+@functools.cache
+def build_info() -> BuildInfo:
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise UnsupportedBuildError(
+            "llama-cpp-python is not installed. Run `make setup` (it builds the pinned, patched "
+            f"llama-cpp-python {PINNED_BINDING}) or `pip install llama-cpp-python=={PINNED_BINDING}`."
+        ) from e
+    recorded = {}
+    info_path = Path(llama_cpp.__file__).parent / BUILD_INFO_FILE
+    if info_path.exists():
+        recorded = json.loads(info_path.read_text())
+    system_info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
+    return BuildInfo(
+        binding_version=llama_cpp.__version__,
+        llama_cpp_commit=recorded.get("llama_cpp_commit", ""),
+        patches=tuple(recorded.get("patches", ())),
+        cmake_args=tuple(recorded.get("cmake_args", ())),
+        system_info=system_info,
+    )
+
+
+def check_build() -> BuildInfo:
+    """The build info, or UnsupportedBuildError for a llama.cpp without bidirectional LFM2."""
+    info = build_info()
+    if _version_tuple(info.binding_version) < FIRST_SUPPORTED_BINDING:
+        raise UnsupportedBuildError(
+            f"llama-cpp-python {info.binding_version} vendors a llama.cpp older than build b9777, which runs "
+            "LFM2's short conv causally on bidirectional models: the vectors would be wrong. Install "
+            f"llama-cpp-python >= 0.3.32 (lfm2edge pins {PINNED_BINDING}: run `make setup`)."
+        )
+    return info

@@ -1,0 +1,315 @@
+"""Dense and ColBERT encoders over llama.cpp, with one encode surface named as in sentence-transformers.
+
+``lfm2edge.load(path)`` picks the encoder from the GGUF. ``encode_query`` / ``encode_document``
+take a string (one result) or a list of strings (a float32 array [n, d] for dense models, a
+list of float32 arrays [tokens_i, d] for ColBERT). Texts are prepared exactly as
+sentence-transformers (dense) and PyLate (ColBERT) prepare them (notes §3).
+
+Thread safety: each encoder owns one llama.cpp context guarded by a lock, so calls from
+several threads are safe; their decodes run one at a time (llama.cpp already uses every
+thread you give it inside one decode).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from lfm2edge.runtime.build import BuildInfo, check_build
+from lfm2edge.runtime.errors import FeatureUnavailableError, InvalidInputError, ModelFileError
+from lfm2edge.runtime.llama import EmbeddingContext, LlamaModel, default_threads
+from lfm2edge.runtime.maxsim import PackedDocuments, maxsim
+from lfm2edge.runtime.model_file import ModelFile, describe
+from lfm2edge.runtime.settings import ModelKind, RetrievalSettings
+
+QueryExpansion = Literal["pylate", "attended", "none"]
+QUERY_EXPANSION_MODES: tuple[str, ...] = ("pylate", "attended", "none")
+# Patch that lets a decode mask tokens as attention keys while they stay in the sequence.
+KEY_MASK_PATCH = "key-mask"
+DEFAULT_BATCH_TOKENS = 1024
+MAX_SEQUENCES_PER_CALL = 64
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """A ranked candidate list: ``indices`` into the input, best first, with their scores."""
+
+    indices: np.ndarray  # int64
+    scores: np.ndarray  # float32
+
+
+def _check_texts(texts: object) -> tuple[list[str], bool]:
+    """(texts as a list, whether a single string came in); a clear error for anything else."""
+    if isinstance(texts, str):
+        items, single = [texts], True
+    elif isinstance(texts, (bytes, bytearray)):
+        raise InvalidInputError("texts must be str, not bytes: decode them first, e.g. data.decode('utf-8')")
+    elif texts is None:
+        raise InvalidInputError("texts is None: pass a string or a list of strings")
+    elif isinstance(texts, Sequence) or isinstance(texts, np.ndarray):
+        items, single = list(texts), False
+    else:
+        raise InvalidInputError(f"texts must be a string or a list of strings, not {type(texts).__name__}")
+    for i, t in enumerate(items):
+        if not isinstance(t, str):
+            hint = " (decode bytes first)" if isinstance(t, (bytes, bytearray)) else ""
+            raise InvalidInputError(f"text {i} is {type(t).__name__}, not str{hint}")
+        if not t.strip():
+            raise InvalidInputError(f"text {i} is empty or only whitespace; remove it or give it content")
+    return items, single
+
+
+def _normalize_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+class Encoder:
+    """What dense and ColBERT encoders share: checks, tokenization, batched decoding, the lock."""
+
+    kind: ModelKind
+
+    def __init__(
+        self,
+        model_file: ModelFile,
+        model: LlamaModel,
+        build: BuildInfo,
+        n_threads: int,
+        exact: bool,
+        max_batch_tokens: int,
+    ):
+        assert model_file.settings is not None
+        self.path: Path = model_file.path
+        self.model_file = model_file
+        self.settings: RetrievalSettings = model_file.settings
+        self.build = build
+        self.n_threads = n_threads
+        self.exact = exact
+        self._model = model
+        longest = max(self.settings.query_length, self.settings.document_length)
+        self.max_batch_tokens = max(max_batch_tokens, longest)
+        self._ctx = EmbeddingContext(model, self.max_batch_tokens, MAX_SEQUENCES_PER_CALL, n_threads, exact)
+        self._lock = threading.Lock()
+
+    @property
+    def dim(self) -> int:
+        return self._model.n_embd_out
+
+    def tokenize(self, text: str) -> np.ndarray:
+        """Token ids as the model's HF tokenizer gives them (BOS first, added tokens matched)."""
+        return self._model.tokenize(text, add_bos=True)
+
+    def _decode_all(
+        self, sequences: list[np.ndarray], batch_size: int, show_progress_bar: bool
+    ) -> list[np.ndarray]:
+        """Decode every sequence, packing consecutive ones into calls of bounded tokens and count."""
+        if batch_size < 1:
+            raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
+        per_call = min(batch_size, MAX_SEQUENCES_PER_CALL)
+        outputs: list[np.ndarray] = []
+        bar = _progress(len(sequences), show_progress_bar)
+        start = 0
+        while start < len(sequences):
+            end, tokens = start, 0
+            while end < len(sequences) and end - start < per_call and tokens + len(sequences[end]) <= self.max_batch_tokens:
+                tokens += len(sequences[end])
+                end += 1
+            with self._lock:
+                outputs.extend(self._ctx.decode(sequences[start:end]))
+            bar(end - start)
+            start = end
+        bar(0, close=True)
+        return outputs
+
+    def close(self) -> None:
+        with self._lock:
+            self._ctx.close()
+            self._model.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class DenseEncoder(Encoder):
+    """LFM2.5-Embedding: prompt + text, BOS, CLS (position 0), L2-normalised by default."""
+
+    kind = ModelKind.DENSE
+
+    def _prepare(self, text: str, prefix: str, limit: int) -> np.ndarray:
+        # sentence-transformers prepends the prompt, then strips the whole string.
+        return self.tokenize((prefix + text).strip())[:limit]
+
+    def _encode(self, texts, prefix: str, limit: int, batch_size: int, show_progress_bar: bool, normalize: bool | None):
+        items, single = _check_texts(texts)
+        sequences = [self._prepare(t, prefix, limit) for t in items]
+        vectors = np.stack(self._decode_all(sequences, batch_size, show_progress_bar)).astype(np.float32)
+        if self.settings.normalize if normalize is None else normalize:
+            vectors = _normalize_rows(vectors)
+        return vectors[0] if single else vectors
+
+    def encode_query(self, texts, batch_size: int = 32, show_progress_bar: bool = False, normalize: bool | None = None):
+        """[n, d] float32 (or [d] for one string); ``normalize=False`` returns the raw CLS vectors."""
+        s = self.settings
+        return self._encode(texts, s.query_prefix, s.query_length, batch_size, show_progress_bar, normalize)
+
+    def encode_document(self, texts, batch_size: int = 32, show_progress_bar: bool = False, normalize: bool | None = None):
+        s = self.settings
+        return self._encode(texts, s.document_prefix, s.document_length, batch_size, show_progress_bar, normalize)
+
+    def similarity(self, query: np.ndarray, documents: np.ndarray) -> np.ndarray:
+        """Cosine scores of one query vector against [n, d] document vectors."""
+        documents = np.asarray(documents, dtype=np.float32)
+        return (_normalize_rows(documents) @ _normalize_rows(np.asarray(query, dtype=np.float32))).astype(np.float32)
+
+    def rerank(self, query: str, documents: Sequence[str], top_k: int | None = None, batch_size: int = 32) -> Ranking:
+        """Rank raw candidate texts by cosine to the query, with no index."""
+        docs = self.encode_document(list(documents), batch_size=batch_size)
+        return _rank(self.similarity(self.encode_query(query), docs), top_k)
+
+
+class ColBERTEncoder(Encoder):
+    """LFM2.5-ColBERT: [Q]/[D] markers after BOS, query expansion, skiplist, per-token L2 vectors."""
+
+    kind = ModelKind.LATE_INTERACTION
+
+    def __init__(self, *args, query_expansion: QueryExpansion | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.key_mask_supported = self.build.has_patch(KEY_MASK_PATCH)
+        self.query_expansion: QueryExpansion = self._choose_expansion(query_expansion)
+        self._skiplist = self.settings.skiplist_array()
+
+    def _choose_expansion(self, requested: str | None) -> QueryExpansion:
+        s = self.settings
+        if requested is not None and requested not in QUERY_EXPANSION_MODES:
+            raise InvalidInputError(f"query_expansion must be one of {QUERY_EXPANSION_MODES}, not {requested!r}")
+        if not s.do_query_expansion:
+            return "none"
+        if requested == "pylate" and not self.key_mask_supported:
+            raise FeatureUnavailableError(
+                "query_expansion='pylate' (expansion tokens in the conv but masked as attention keys, exactly "
+                "PyLate's queries) needs lfm2edge's key-mask patch, which this llama.cpp build lacks "
+                f"({self.build.describe()}). Build the patched binding with `make setup`, or choose "
+                "query_expansion='attended' (pads attended) or 'none' (no padding)."
+            )
+        if requested is not None:
+            return requested  # type: ignore[return-value]
+        if s.attend_to_expansion_tokens:
+            return "attended"
+        # The most faithful mode this build runs: PyLate's exact masking where patched; otherwise keep
+        # PyLate's 32 query vectors with the pads attended (classic ColBERT query augmentation).
+        return "pylate" if self.key_mask_supported else "attended"
+
+    def prepare_query(self, text: str) -> np.ndarray:
+        """Query ids: BOS, [Q], text (truncated), expansion pads per the query_expansion mode."""
+        s = self.settings
+        ids = self.tokenize(text.strip())[: s.query_length - 1]
+        ids = np.insert(ids, 1, s.query_prefix_id)
+        if self.query_expansion != "none" and len(ids) < s.query_length:
+            ids = np.concatenate([ids, np.full(s.query_length - len(ids), s.expansion_token_id, dtype=np.int32)])
+        return ids.astype(np.int32)
+
+    def prepare_document(self, text: str) -> np.ndarray:
+        """Document ids: BOS, [D], text truncated so the whole fits document_length."""
+        s = self.settings
+        ids = self.tokenize(text.strip())[: s.document_length - 1]
+        return np.insert(ids, 1, s.document_prefix_id).astype(np.int32)
+
+    def encode_query(self, texts, batch_size: int = 32, show_progress_bar: bool = False):
+        """One [tokens, d] float32 array per text (query_length rows when expanded), rows L2-normalised."""
+        if self.query_expansion == "pylate":
+            raise FeatureUnavailableError("pylate query expansion is not wired into this runtime yet")
+        items, single = _check_texts(texts)
+        sequences = [self.prepare_query(t) for t in items]
+        vectors = [self._finish(v) for v in self._decode_all(sequences, batch_size, show_progress_bar)]
+        return vectors[0] if single else vectors
+
+    def encode_document(self, texts, batch_size: int = 32, show_progress_bar: bool = False):
+        """One [kept tokens, d] float32 array per text: standalone skiplist tokens dropped, rows L2-normalised."""
+        items, single = _check_texts(texts)
+        sequences = [self.prepare_document(t) for t in items]
+        outputs = self._decode_all(sequences, batch_size, show_progress_bar)
+        vectors = [self._finish(v[~np.isin(ids, self._skiplist)]) for ids, v in zip(sequences, outputs, strict=True)]
+        return vectors[0] if single else vectors
+
+    def _finish(self, rows: np.ndarray) -> np.ndarray:
+        rows = rows.astype(np.float32, copy=False)
+        return _normalize_rows(rows) if self.settings.normalize else rows
+
+    def similarity(self, query: np.ndarray, documents: Sequence[np.ndarray] | PackedDocuments) -> np.ndarray:
+        """MaxSim scores of one query matrix against each document matrix."""
+        return maxsim(query, documents)
+
+    def rerank(self, query: str, documents: Sequence[str], top_k: int | None = None, batch_size: int = 32) -> Ranking:
+        """Rank raw candidate texts by MaxSim with the query, with no index."""
+        docs = self.encode_document(list(documents), batch_size=batch_size)
+        return _rank(maxsim(self.encode_query(query), docs), top_k)
+
+
+def _rank(scores: np.ndarray, top_k: int | None) -> Ranking:
+    if top_k is not None and top_k < 1:
+        raise InvalidInputError(f"top_k must be at least 1, got {top_k}")
+    order = np.argsort(-scores, kind="stable")[:top_k]
+    return Ranking(order.astype(np.int64), scores[order].astype(np.float32))
+
+
+def _progress(total: int, enabled: bool) -> Callable[..., None]:
+    """A tqdm bar when asked for and installed; otherwise a no-op."""
+    if not enabled:
+        return lambda n, close=False: None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return lambda n, close=False: None
+    bar = tqdm(total=total, unit="text")
+
+    def update(n: int, close: bool = False) -> None:
+        bar.update(n)
+        if close:
+            bar.close()
+
+    return update
+
+
+def load(
+    path: str | Path,
+    n_threads: int | None = None,
+    query_expansion: QueryExpansion | None = None,
+    exact: bool = True,
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    n_gpu_layers: int | None = None,
+) -> DenseEncoder | ColBERTEncoder:
+    """Open a GGUF as a DenseEncoder or a ColBERTEncoder, chosen from the file.
+
+    ``exact=True`` (default) runs without flash attention and with an F32 KV cache: about
+    2e-6 relative error against the PyTorch reference. ``exact=False`` enables flash
+    attention (about 1e-3 per token; faster on long documents). ``query_expansion`` (ColBERT)
+    is "pylate", "attended" or "none"; by default the most faithful mode the build supports,
+    reported by ``encoder.query_expansion``.
+    """
+    build = check_build()
+    model_file = describe(path)
+    problems = model_file.problems()
+    if problems:
+        raise ModelFileError(f"{path} cannot be used as a retriever:\n- " + "\n- ".join(problems))
+    if query_expansion is not None and model_file.kind is ModelKind.DENSE:
+        raise InvalidInputError("query_expansion applies to ColBERT models only; this file is a dense model")
+    model = LlamaModel(Path(path), n_gpu_layers)
+    common = dict(
+        model_file=model_file,
+        model=model,
+        build=build,
+        n_threads=n_threads or default_threads(),
+        exact=exact,
+        max_batch_tokens=max_batch_tokens,
+    )
+    if model_file.kind is ModelKind.LATE_INTERACTION:
+        return ColBERTEncoder(query_expansion=query_expansion, **common)
+    return DenseEncoder(**common)

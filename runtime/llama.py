@@ -1,0 +1,185 @@
+"""A thin layer over llama-cpp-python's low-level API: load a model, tokenize, decode for embeddings.
+
+Never ``Llama.embed()``: it strides per-token rows by n_embd instead of n_embd_out and
+offsets the second input on wrongly. The rules this module keeps (notes §5.3, §6):
+- ``n_ubatch == n_batch`` and a decode never carries more tokens: a non-causal decode
+  larger than n_ubatch aborts the whole process;
+- memory is cleared before every decode (KV and positions would carry over);
+- the attention type stays UNSPECIFIED, so the GGUF's ``lfm2.attention.causal`` decides
+  for attention and the conv together (context-level causality leaves the conv causal);
+- the ctypes log callback stays referenced at module level (a collected one segfaults).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from pathlib import Path
+
+import llama_cpp as ll
+import numpy as np
+
+from lfm2edge.runtime.build import build_info
+from lfm2edge.runtime.errors import InvalidInputError, ModelFileError
+
+log = logging.getLogger("lfm2edge.llama")
+
+GGML_TYPE_F32 = 0
+GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR = 3, 4
+POOLING_NONE, POOLING_MEAN, POOLING_CLS, POOLING_LAST = 0, 1, 2, 3
+# llama.cpp's limit on sequence ids in one context (LLAMA_MAX_SEQ).
+MAX_SEQUENCES = 256
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+@ll.llama_log_callback
+def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    message = text.decode("utf-8", errors="replace").rstrip()
+    if message:
+        log.log(logging.ERROR if level == GGML_LOG_LEVEL_ERROR else logging.DEBUG, message)
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            ll.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            ll.llama_backend_init()
+            _backend_ready = True
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class LlamaModel:
+    """Model weights and vocabulary, loaded once and shared by the encoder's context."""
+
+    def __init__(self, path: Path, n_gpu_layers: int | None = None):
+        _init_backend()
+        params = ll.llama_model_default_params()
+        if n_gpu_layers is not None:  # None keeps llama.cpp's default: offload where a GPU backend exists
+            params.n_gpu_layers = n_gpu_layers
+        if build_info().amx:
+            # ggml's AMX repack crashes on every quantized model (llama.cpp #20824).
+            params.use_extra_bufts = False
+        self._model = ll.llama_model_load_from_file(str(path).encode(), params)
+        if not self._model:
+            raise ModelFileError(f"llama.cpp could not load {path}; run `lfm2edge inspect {path}` to see why")
+        self._vocab = ll.llama_model_get_vocab(self._model)
+        self.n_embd = int(ll.llama_model_n_embd(self._model))
+        self.n_embd_out = int(ll.llama_model_n_embd_out(self._model))
+        self.n_vocab = int(ll.llama_vocab_n_tokens(self._vocab))
+        self.bos_id = int(ll.llama_vocab_bos(self._vocab))
+
+    def tokenize(self, text: str, add_bos: bool = True) -> np.ndarray:
+        """Token ids as the HF tokenizer gives them: BOS first, special and added tokens matched."""
+        raw = text.encode("utf-8")
+        capacity = len(raw) + 2
+        for _ in range(2):
+            buf = (ll.llama_token * capacity)()
+            n = ll.llama_tokenize(self._vocab, raw, len(raw), buf, capacity, add_bos, True)
+            if n >= 0:
+                return np.ctypeslib.as_array(buf)[:n].astype(np.int32)
+            capacity = -n
+        raise InvalidInputError(f"llama.cpp could not tokenize a text of {len(raw)} bytes")
+
+    def token_text(self, token: int) -> str:
+        return (ll.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        if getattr(self, "_model", None):
+            ll.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class EmbeddingContext:
+    """One llama.cpp context in embedding mode. Not thread-safe: the encoder holds a lock.
+
+    ``exact=True`` turns flash attention off and keeps the KV cache in F32 (about 2e-6
+    relative error per token against the reference); ``exact=False`` uses flash attention
+    with an F16 cache (about 1e-3, faster on long inputs).
+    """
+
+    def __init__(self, model: LlamaModel, n_batch: int, n_seq_max: int, n_threads: int, exact: bool = True):
+        self.model = model
+        self.n_batch = n_batch
+        self.n_seq_max = min(n_seq_max, MAX_SEQUENCES)
+        p = ll.llama_context_default_params()
+        p.n_ctx = n_batch  # one unified KV cache holds every token of one decode, no more
+        p.n_batch = p.n_ubatch = n_batch
+        p.n_seq_max = self.n_seq_max
+        p.n_threads = p.n_threads_batch = n_threads
+        p.embeddings = True
+        p.pooling_type = ll.LLAMA_POOLING_TYPE_UNSPECIFIED  # the GGUF decides (CLS or NONE)
+        p.attention_type = ll.LLAMA_ATTENTION_TYPE_UNSPECIFIED  # the GGUF decides, conv included
+        p.kv_unified = True
+        p.no_perf = True
+        if exact:
+            p.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            p.type_k = p.type_v = GGML_TYPE_F32
+        else:
+            p.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        self._ctx = ll.llama_init_from_model(model._model, p)
+        if not self._ctx:
+            raise ModelFileError("llama.cpp could not create a context (out of memory for this batch size?)")
+        self.pooling = int(ll.llama_pooling_type(self._ctx))
+
+    def decode(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
+        """Per-token rows [len_i, n_embd_out] (pooling NONE) or one pooled row [n_embd_out] per sequence."""
+        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+        total = int(lengths.sum())
+        if not sequences or lengths.min() == 0:
+            raise InvalidInputError("decode needs at least one non-empty sequence")
+        if total > self.n_batch or len(sequences) > self.n_seq_max:
+            # Checked here because llama.cpp would abort the process, not raise.
+            raise InvalidInputError(
+                f"{total} tokens in {len(sequences)} sequences exceed this context's {self.n_batch} tokens / "
+                f"{self.n_seq_max} sequences"
+            )
+        tokens = np.ascontiguousarray(np.concatenate(sequences), dtype=np.int32)
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        pos = (np.arange(total) - starts).astype(np.int32)
+        seq = np.repeat(np.arange(len(sequences)), lengths).astype(np.int32)
+        n_seq_id = np.ones(total, dtype=np.int32)
+        # seq_id is an int32** (one pointer per token): point each into the seq array.
+        seq_ptrs = (seq.ctypes.data + seq.itemsize * np.arange(total, dtype=np.uint64)).astype(np.uintp)
+        outputs = np.ones(total, dtype=np.int8)
+        batch = ll.llama_batch(
+            n_tokens=total,
+            token=tokens.ctypes.data_as(ctypes.POINTER(ll.llama_token)),
+            embd=None,
+            pos=pos.ctypes.data_as(ctypes.POINTER(ll.llama_pos)),
+            n_seq_id=n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=seq_ptrs.ctypes.data_as(ctypes.POINTER(ctypes.POINTER(ll.llama_seq_id))),
+            logits=outputs.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
+        ll.llama_memory_clear(ll.llama_get_memory(self._ctx), True)
+        rc = ll.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+        n_out = self.model.n_embd_out
+        if self.pooling == POOLING_NONE:
+            ptr = ll.llama_get_embeddings(self._ctx)
+            rows = np.ctypeslib.as_array(ptr, shape=(total, n_out)).copy()
+            return np.split(rows, np.cumsum(lengths)[:-1])
+        pooled = []
+        for i in range(len(sequences)):
+            ptr = ll.llama_get_embeddings_seq(self._ctx, i)
+            pooled.append(np.ctypeslib.as_array(ptr, shape=(n_out,)).copy())
+        return pooled
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            ll.llama_free(self._ctx)
+            self._ctx = None
+
+    def __del__(self) -> None:
+        self.close()
