@@ -61,7 +61,8 @@ def write_settings(w: gguf.GGUFWriter, settings: RetrievalSettings, architecture
     """Our retrieval settings under the lfm2edge. namespace (runtime/settings.py documents them)."""
     for key, value in to_metadata(settings).items():
         if isinstance(value, np.ndarray):
-            w.add_array(key, [int(v) for v in value])
+            if len(value):  # GGUF has no empty arrays; the reader treats absence as empty
+                w.add_array(key, [int(v) for v in value])
         elif isinstance(value, bool):
             w.add_bool(key, value)
         elif isinstance(value, int):

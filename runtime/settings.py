@@ -177,7 +177,8 @@ def from_metadata(meta: dict[str, object]) -> RetrievalSettings | None:
         do_query_expansion=bool(meta[Key.DO_QUERY_EXPANSION]),
         attend_to_expansion_tokens=bool(meta[Key.ATTEND_TO_EXPANSION_TOKENS]),
         expansion_token_id=int(meta[Key.EXPANSION_TOKEN_ID]),  # type: ignore[arg-type]
-        skiplist_ids=tuple(int(i) for i in np.asarray(meta[Key.SKIPLIST_IDS]).ravel()),
+        # an empty array is not written (dense models): absent means no skiplist
+        skiplist_ids=tuple(int(i) for i in np.asarray(meta.get(Key.SKIPLIST_IDS, ())).ravel()),
         similarity=Similarity(str(meta[Key.SIMILARITY])),
         normalize=bool(meta[Key.NORMALIZE]),
         source=str(meta.get(Key.SOURCE, "")),
