@@ -18,25 +18,29 @@ import numpy as np
 from lfm2edge.runtime.errors import InvalidInputError
 
 # file type -> (min cosine, mean cosine, min mean top-10 overlap); cosine is per token for
-# ColBERT and per vector for dense. f32 and f16 are the converter's exactness bars. The
-# quantized bars hold for random-weight models, the worst case for quantization (a single
-# token of thousands can fall far at 4 bits, so the mean carries the bar there).
+# ColBERT and per vector for dense. f32 is the converter's exactness bar. From f16 down,
+# ggml also rounds the activations inside each matmul to the weight type's vec-dot type,
+# so a few of thousands of tokens fall further than the mean: the mean carries the bar
+# (-1 leaves the minimum ungated). The bars below f16 are set from tiny random-weight
+# models over several seeds, the worst case for quantization (their 64-wide rows even
+# push k-quants down to fallback types); real weights do far better, so treat them as
+# "the file is sane", and compare your own real-weight numbers between types.
 THRESHOLDS: dict[str, tuple[float, float, float]] = {
-    "F32": (0.99999, 0.99999, 1.0),
-    "F16": (0.9999, 0.9999, 0.99),
-    "BF16": (0.999, 0.9995, 0.95),
-    "Q8_0": (0.95, 0.995, 0.85),
-    "Q6_K": (0.9, 0.99, 0.75),
-    "Q5_K_M": (0.8, 0.98, 0.65),
-    "Q5_K_S": (0.8, 0.98, 0.65),
-    "Q5_0": (0.8, 0.98, 0.65),
-    "Q5_1": (0.8, 0.98, 0.65),
-    "Q4_K_M": (0.3, 0.95, 0.5),
-    "Q4_K_S": (0.3, 0.95, 0.5),
-    "Q4_0": (0.3, 0.93, 0.5),
-    "Q4_1": (0.3, 0.93, 0.5),
+    "F32": (0.99999, 0.99999, 0.99),  # near-tied scores may swap at rank 10 and 11
+    "F16": (0.999, 0.99995, 0.98),
+    "BF16": (0.95, 0.998, 0.9),
+    "Q8_0": (-1.0, 0.98, 0.75),
+    "Q6_K": (-1.0, 0.98, 0.75),
+    "Q5_K_M": (-1.0, 0.8, 0.5),
+    "Q5_K_S": (-1.0, 0.8, 0.5),
+    "Q5_0": (-1.0, 0.8, 0.5),
+    "Q5_1": (-1.0, 0.8, 0.5),
+    "Q4_K_M": (-1.0, 0.6, 0.4),
+    "Q4_K_S": (-1.0, 0.6, 0.4),
+    "Q4_0": (-1.0, 0.6, 0.4),
+    "Q4_1": (-1.0, 0.6, 0.4),
 }
-DEFAULT_THRESHOLD = (0.0, 0.9, 0.4)
+DEFAULT_THRESHOLD = (-1.0, 0.5, 0.3)
 # llama.cpp's general.file_type values -> names.
 FILE_TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
                    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
@@ -94,9 +98,12 @@ def _top_k_agreement(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return float(np.mean(overlaps)), float(np.mean(identical))
 
 
-def verify(gguf_path: str | Path, reference: str | Path, n_threads: int | None = None,
+def verify(gguf_path: str | Path, reference, n_threads: int | None = None,
            queries: list[str] | None = None, documents: list[str] | None = None) -> VerifyReport:
-    """Compare ``gguf_path`` (through the runtime) with the PyTorch reference of ``reference``."""
+    """Compare ``gguf_path`` (through the runtime) with the PyTorch reference.
+
+    ``reference`` is the checkpoint (folder or hub id) or an already built ReferenceEncoder.
+    """
     from lfm2edge.convert.reference import ReferenceEncoder, pylate_maxsim
     from lfm2edge.runtime.encoders import ColBERTEncoder, load
     from lfm2edge.runtime.maxsim import maxsim
@@ -104,7 +111,11 @@ def verify(gguf_path: str | Path, reference: str | Path, n_threads: int | None =
     default_q, default_d = sample_texts()
     queries, documents = queries or default_q, documents or default_d
     enc = load(gguf_path, n_threads=n_threads)
-    ref = ReferenceEncoder.from_checkpoint(reference, threads=n_threads)
+    ref = (
+        reference
+        if isinstance(reference, ReferenceEncoder)
+        else ReferenceEncoder.from_checkpoint(reference, threads=n_threads)
+    )
     if ref.is_colbert != isinstance(enc, ColBERTEncoder):
         raise InvalidInputError(f"{gguf_path} and {reference} are not the same kind of model")
     file_type = FILE_TYPE_NAMES.get(int(enc.model_file.header.metadata.get("general.file_type", -1)), "unknown")

@@ -53,8 +53,7 @@ def write_model_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, outtype: gguf.GGM
     if dense_out is not None:
         w.add_embedding_length_out(dense_out)
     w.add_file_type(FILE_TYPES[outtype])
-    if outtype is gguf.GGMLQuantizationType.Q8_0:
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)  # upstream writes it for every type
 
 
 def write_settings(w: gguf.GGUFWriter, settings: RetrievalSettings, architecture: str) -> None:
