@@ -34,12 +34,12 @@ NAMESPACE = "lfm2edge."
 SETTINGS_VERSION = 1
 
 
-class ModelKind(str, enum.Enum):
+class ModelKind(enum.StrEnum):
     DENSE = "dense"
     LATE_INTERACTION = "late_interaction"
 
 
-class Similarity(str, enum.Enum):
+class Similarity(enum.StrEnum):
     COSINE = "cosine"
     MAXSIM = "maxsim"
 

@@ -1,0 +1,146 @@
+"""The patched build: patch series, cache key, platform flags, self-check, packaging."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+import tarfile
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import lfm2edge.runtime.build as build_module
+from lfm2edge.runtime.build import BuildInfo, build_info, check_build
+from lfm2edge.runtime.errors import UnsupportedBuildError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def builder():
+    spec = importlib.util.spec_from_file_location("lfm2edge_build_script", REPO / "patches" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _patched_paths(patch: Path) -> list[str]:
+    return [m.group(1) for m in re.finditer(r"^\+\+\+ b/(\S+)", patch.read_text(), flags=re.M)]
+
+
+def test_every_patch_has_a_header_and_applies_to_the_pinned_tree(builder, tmp_path):
+    sdist = builder.fetch_sdist(sys.executable)
+    series = builder.patch_series(True)
+    assert series, "the series is empty"
+    prefix = f"llama_cpp_python-{builder.VERSION}"
+    with tarfile.open(sdist) as tar:
+        for target, patch in series:
+            text = patch.read_text()
+            header = text.split("\n--- ", 1)[0]
+            assert "What:" in header and "Why:" in header, f"{patch.name} needs a What/Why header"
+            root = tmp_path / patch.stem
+            for path in _patched_paths(patch):
+                member = f"{prefix}/{target}/{path}".replace("/./", "/")
+                tar.extract(member, root, filter="data")
+            proc = subprocess.run(
+                ["patch", "-p1", "--dry-run", "--batch", "-d", str(root / prefix / target), "-i", str(patch)],
+                capture_output=True,
+                text=True,
+            )
+            assert proc.returncode == 0, f"{patch.name}: {proc.stdout}{proc.stderr}"
+
+
+def test_cache_key_follows_flags_and_patch_contents(builder, tmp_path):
+    series = builder.patch_series(True)
+    key = builder.build_key(["-DA=ON"], series)
+    assert key == builder.build_key(["-DA=ON"], series)
+    assert key != builder.build_key(["-DA=OFF"], series)
+    assert key != builder.build_key(["-DA=ON"], [])
+    changed = tmp_path / series[0][1].name
+    changed.write_text(series[0][1].read_text() + "\n")
+    assert key != builder.build_key(["-DA=ON"], [(series[0][0], changed)] + series[1:])
+
+
+def test_x86_flags_never_enable_amx_or_native(builder, monkeypatch):
+    monkeypatch.delenv("LFM2EDGE_CMAKE_ARGS", raising=False)
+    monkeypatch.setattr(builder.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(builder.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(builder, "cpu_flags", lambda: {"avx", "avx2", "fma", "f16c", "avx512f", "amx_tile", "amx_int8"})
+    args = builder.platform_cmake_args()
+    assert "-DGGML_NATIVE=OFF" in args and "-DGGML_AVX512=ON" in args and "-DGGML_AVX512_BF16=OFF" in args
+    assert not any("AMX" in a for a in args)
+    monkeypatch.setattr(builder, "cpu_flags", lambda: {"avx", "avx2", "fma", "f16c"})
+    assert "-DGGML_AVX512=OFF" in builder.platform_cmake_args()
+    monkeypatch.setattr(builder.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(builder.platform, "machine", lambda: "arm64")
+    assert "-DGGML_METAL=ON" in builder.platform_cmake_args()
+    monkeypatch.setenv("LFM2EDGE_CMAKE_ARGS", "-DGGML_BLAS=ON -DX=1")
+    assert builder.platform_cmake_args() == ["-DGGML_BLAS=ON", "-DX=1"]
+
+
+def test_build_errors_say_what_to_do(builder, monkeypatch, tmp_path):
+    monkeypatch.setattr(builder.shutil, "which", lambda tool: None if tool == "cmake" else "/usr/bin/" + tool)
+    with pytest.raises(builder.BuildError, match="apt-get install cmake"):
+        builder.build_wheel(sys.executable, "k", [], [])
+    bad = tmp_path / "0001-bad.patch"
+    bad.write_text("What: x\nWhy: y\n--- a/nothing.txt\n+++ b/nothing.txt\n@@ -1 +1 @@\n-a\n+b\n")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "nothing.txt").write_text("something else\n")
+    with pytest.raises(builder.BuildError, match="(?s)does not apply.*LFM2EDGE_PATCHES=0"):
+        builder.apply_patches(tmp_path / "src", [(".", bad)])
+
+
+def test_installed_build_is_the_one_the_script_made(builder):
+    info = build_info()
+    assert info.binding_version == builder.VERSION
+    if info.patched:  # a wheel from patches/build.py records its key and patches
+        assert info.llama_cpp_commit == builder.VENDORED_COMMIT
+        assert "AMX" not in info.system_info or "AMX_INT8 = 1" not in info.system_info
+    assert "CPU" in info.system_info
+
+
+def test_old_llama_cpp_is_refused(monkeypatch):
+    old = BuildInfo("0.3.31", "", (), (), "CPU : AVX2 = 1 |")
+    monkeypatch.setattr(build_module, "build_info", lambda: old)
+    with pytest.raises(UnsupportedBuildError, match="older than build b9777.*conv causally"):
+        check_build()
+    ok = BuildInfo("0.3.32", "", (), (), "")
+    monkeypatch.setattr(build_module, "build_info", lambda: ok)
+    assert check_build() is ok
+    assert "stock build" in ok.describe()
+
+
+def test_runtime_core_depends_on_numpy_and_llama_cpp_only():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=\[ ]", d)[0].lower() for d in project["dependencies"]}
+    assert names == {"numpy", "llama-cpp-python"}
+    assert "llama-cpp-python==0.3.36" in project["dependencies"]
+    assert any(d.startswith("torch") for d in project["optional-dependencies"]["reference"])
+
+
+def test_runtime_runs_without_torch_or_transformers(colbert_gguf):
+    # A meta-path hook makes torch and transformers unimportable in a fresh interpreter.
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'transformers', 'tokenizers', 'gguf', 'safetensors'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import lfm2edge
+enc = lfm2edge.load({str(colbert_gguf)!r}, n_threads=1)
+print(enc.encode_query('works without torch').shape)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "(32, 16)" in proc.stdout
+
+
+def test_package_maps_one_import_package():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = project["tool"]["setuptools"]["packages"]
+    assert all(p == "lfm2edge" or p.startswith("lfm2edge.") for p in packages)
+    assert project["project"]["scripts"]["lfm2edge"] == "lfm2edge.cli:main"
