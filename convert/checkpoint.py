@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lfm2edge.convert.safetensors_io import TensorEntry, read_entries, read_tensor
 from lfm2edge.runtime.errors import CheckpointError
 from lfm2edge.runtime.settings import (
     ModelKind,
@@ -174,12 +175,13 @@ class Checkpoint:
         """Rows of ColBERT's 1_Dense projection, or None without one."""
         if not self.dense_path.exists():
             return None
-        from safetensors import safe_open
+        return self._dense_entry().shape[0]
 
-        with safe_open(str(self.dense_path), "np") as f:
-            if "linear.weight" not in f.keys():
-                raise CheckpointError(f"{self.dense_path} has no 'linear.weight' tensor")
-            return int(f.get_slice("linear.weight").get_shape()[0])
+    def _dense_entry(self) -> TensorEntry:
+        entry = next((e for e in read_entries(self.dense_path) if e.name == "linear.weight"), None)
+        if entry is None:
+            raise CheckpointError(f"{self.dense_path} has no 'linear.weight' tensor")
+        return entry
 
     def retrieval_settings(self, tokenizer=None) -> RetrievalSettings:
         """The retrieval settings from the sentence-transformers / PyLate files.
@@ -263,31 +265,15 @@ class Checkpoint:
     def dense_weight(self) -> np.ndarray | None:
         if not self.dense_path.exists():
             return None
-        return _load_tensor(self.dense_path, "linear.weight")
+        return read_tensor(self.dense_path, self._dense_entry())
 
     def _iter_backbone(self, load: bool):
-        from safetensors import safe_open
-
         for path in self._tensor_files:
-            with safe_open(str(path), "pt" if load else "np") as f:
-                for key in f.keys():
-                    name = key.removeprefix("model.")
-                    if name.startswith("lm_head."):
-                        continue
-                    shape = tuple(f.get_slice(key).get_shape())
-                    yield name, shape, (_to_numpy(f.get_tensor(key)) if load else None)
-
-
-def _to_numpy(t) -> np.ndarray:
-    # safetensors' numpy backend cannot read bfloat16: go through torch when it is there.
-    return t.float().numpy()
-
-
-def _load_tensor(path: Path, key: str) -> np.ndarray:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return _to_numpy(f.get_tensor(key))
+            for entry in read_entries(path):
+                name = entry.name.removeprefix("model.")
+                if name.startswith("lm_head."):
+                    continue
+                yield name, entry.shape, (read_tensor(path, entry) if load else None)
 
 
 def _read_json(path: Path):

@@ -42,13 +42,4 @@ def convert(
 
 
 def _write(ckpt: Checkpoint, outfile: Path, outtype: str, settings, progress: bool) -> Path:
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(desc=f"writing {outfile.name}", unit="B", unit_scale=True)
-    try:
-        return write_gguf(ckpt, outfile, DIRECT_TYPES[outtype], settings, progress=bar.update if bar else None)
-    finally:
-        if bar is not None:
-            bar.close()
+    return write_gguf(ckpt, outfile, DIRECT_TYPES[outtype], settings, progress=progress)

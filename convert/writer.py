@@ -8,7 +8,6 @@ half-written GGUF under the final name.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -105,9 +104,9 @@ def write_gguf(
     outfile: Path,
     outtype: gguf.GGMLQuantizationType,
     settings: RetrievalSettings,
-    progress: Callable[[int], None] | None = None,
+    progress: bool = False,
 ) -> Path:
-    """Write ``ckpt`` to ``outfile`` (atomically). ``progress`` receives bytes written."""
+    """Write ``ckpt`` to ``outfile`` (atomically), with a progress bar on stderr when asked."""
     outfile = Path(outfile)
     tmp = outfile.with_name(f".{outfile.name}.partial-{os.getpid()}")
     plan = _tensor_plan(ckpt, outtype)
@@ -123,12 +122,13 @@ def write_gguf(
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         by_name = {hf: (name, qtype) for hf, name, _, qtype in plan}
-        for hf_name, array in _stream(ckpt):
-            name, qtype = by_name[hf_name]
-            data = _encode(prepare(name, array), qtype)
-            w.write_tensor_data(data)
-            if progress:
-                progress(data.nbytes)
+        total = sum(_nbytes(shape, qtype) for _, _, shape, qtype in plan)
+        with _bar(progress, total, outfile.name) as bar:
+            for hf_name, array in _stream(ckpt):
+                name, qtype = by_name[hf_name]
+                data = _encode(prepare(name, array), qtype)
+                w.write_tensor_data(data)
+                bar.update(data.nbytes)
         w.close()
         os.replace(tmp, outfile)
     except BaseException:
@@ -136,6 +136,12 @@ def write_gguf(
         tmp.unlink(missing_ok=True)
         raise
     return outfile
+
+
+def _bar(enabled: bool, total: int, name: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"writing {name}", unit="B", unit_scale=True, disable=not enabled)
 
 
 def _stream(ckpt: Checkpoint):
