@@ -30,6 +30,11 @@ _EXPORTS = {
     "UnsupportedBuildError": "lfm2edge.runtime.errors",
     "FeatureUnavailableError": "lfm2edge.runtime.errors",
     "convert": "lfm2edge.convert.pipeline",
+    "Index": "lfm2edge.runtime.index",
+    "Hit": "lfm2edge.runtime.index",
+    "IndexCorruptError": "lfm2edge.runtime.index",
+    "IndexModelMismatchError": "lfm2edge.runtime.index",
+    "DuplicateIdError": "lfm2edge.runtime.index",
 }
 __all__ = sorted(_EXPORTS)
 

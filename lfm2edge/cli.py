@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 a check failed (verify below its thresholds); 2 bad usage or
 input; 3 a model file or checkpoint that cannot be used; 4 an unsupported llama.cpp build;
-5 a feature the build lacks.
+5 a feature the build lacks; 6 an index folder that is not an index or is damaged.
 """
 
 from __future__ import annotations
@@ -29,8 +29,14 @@ EXIT_CODES: list[tuple[type[Lfm2EdgeError], int]] = [
 ]
 
 
+def _index_exit_codes() -> list[tuple[type[Lfm2EdgeError], int]]:
+    from lfm2edge.runtime.index import IndexCorruptError
+
+    return [(IndexCorruptError, 6)]
+
+
 def exit_code(error: Lfm2EdgeError) -> int:
-    return next((code for cls, code in EXIT_CODES if isinstance(error, cls)), 1)
+    return next((code for cls, code in _index_exit_codes() + EXIT_CODES if isinstance(error, cls)), 1)
 
 
 def build_app():
@@ -38,6 +44,7 @@ def build_app():
 
     from lfm2edge.convert import cli as convert_cli
     from lfm2edge.runtime import cli as runtime_cli
+    from lfm2edge.runtime import search_cli
 
     app = typer.Typer(
         name="lfm2edge",
@@ -48,6 +55,7 @@ def build_app():
     )
     convert_cli.register(app)
     runtime_cli.register(app)
+    search_cli.register(app)
     return app
 
 

@@ -1,0 +1,1044 @@
+"""A persistent, crash-safe index of one model's document vectors, with exact search.
+
+    index = Index.create("docs.idx", encoder)          # or Index.open("docs.idx", encoder)
+    index.add(["first text", "second text"], ids=["a", "b"], metadata=[{"lang": "en"}, None])
+    hits = index.search("a question", k=10)            # [Hit(id, score, text, metadata), ...]
+
+Scoring is exact over the stored vectors: MaxSim for ColBERT, cosine for dense models. Vectors
+are stored float16 (default) or int8 with one float32 scale per row, and memory-mapped, so an
+index opens instantly and only the pages a search touches are read.
+
+Folder layout (format version 1)::
+
+    INDEX/
+      manifest.json     the committed state, replaced atomically (temp file, fsync, os.replace, fsync dir)
+      .lock             inter-process writer lock
+      segments/NAME/    one immutable batch of documents; fully written and fsynced before the
+                        manifest names it, so a crash leaves at most an unnamed folder (removed later)
+        vectors.npy     [rows, dim] float16 | int8. ColBERT: the kept token vectors; dense: one row per doc
+        scales.npy      [rows] float32, int8 only: the stored vector is vectors[r] * scales[r]
+        offsets.npy     [docs + 1] int64: document i owns rows offsets[i]:offsets[i + 1]
+        ids.json        [docs] document ids
+        docs.jsonl      one {"text", "metadata"} object per document
+        lines.npy       [docs + 1] int64 byte offsets of those lines
+
+``manifest.json`` names the model (the GGUF identity hash, kind, dim), the storage settings, and
+each committed segment with its file sizes and SHA-256 and its deleted rows (tombstones). A
+commit is one manifest replacement, so every add batch, delete and merge is all-or-nothing.
+Once there are more than 16 segments the 8 smallest are merged into one; ``compact()`` merges
+all of them and drops deleted documents for good.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import secrets
+import shutil
+import threading
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+
+from lfm2edge.runtime.errors import InvalidInputError, Lfm2EdgeError
+from lfm2edge.runtime.settings import ModelKind
+
+try:  # POSIX
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+    import msvcrt
+
+FORMAT = "lfm2edge-index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SEGMENTS = "segments"
+LOCK = ".lock"
+TMP_PREFIX = ".tmp-"
+DTYPES = ("float16", "int8")
+T = TypeVar("T")
+OnDuplicate = Literal["error", "skip", "replace"]
+ON_DUPLICATE: tuple[str, ...] = ("error", "skip", "replace")
+# Merge the MERGE_WIDTH smallest segments once there are more than MAX_SEGMENTS: a log-structured
+# policy, so many small commits stay cheap to search and each vector is rewritten O(log n) times.
+MAX_SEGMENTS = 16
+MERGE_WIDTH = 8
+# Float32 scratch per scoring block (rows x query vectors, and the widened rows): a few tens of MB.
+BLOCK_FLOATS = 1 << 22
+QUERY_GROUP = 16
+
+
+class IndexCorruptError(Lfm2EdgeError):
+    """The folder is not an lfm2edge index, or its files are damaged or missing."""
+
+
+class IndexModelMismatchError(InvalidInputError):
+    """The index was built by another model; its vectors are meaningless to this one."""
+
+
+class DuplicateIdError(InvalidInputError):
+    """An id being added is already in the index (or repeated in the same call)."""
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """What an index holds and how; fixed when it is created."""
+
+    identity: str  # the GGUF identity hash (tensors and retrieval settings)
+    kind: ModelKind
+    dim: int
+    dtype: str = "float16"  # "float16" | "int8"
+    pool_factor: int = 1  # ColBERT token pooling: keep about 1/pool_factor of each document's vectors
+    store_texts: bool = True
+    model_path: str = ""  # where the model was when the index was created: a hint, not checked
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+    text: str | None
+    metadata: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """One committed, immutable batch of documents, memory-mapped; ``deleted`` is this commit's tombstones."""
+
+    name: str
+    ids: tuple[str, ...]
+    vectors: np.ndarray
+    scales: np.ndarray | None
+    offsets: np.ndarray
+    lines: np.ndarray
+    docs: np.ndarray  # docs.jsonl as uint8, memory-mapped: stays readable after a merge unlinks it
+    deleted: np.ndarray  # bool [docs]
+    files: Mapping[str, tuple[int, str]]  # file name -> (size, sha256)
+
+    @property
+    def live(self) -> int:
+        return len(self.ids) - int(self.deleted.sum())
+
+    def record(self, row: int) -> dict[str, Any]:
+        return json.loads(bytes(self.docs[self.lines[row] : self.lines[row + 1]]))
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        """Stored vectors lo:hi widened to float32 (dequantized when int8)."""
+        block = self.vectors[lo:hi].astype(np.float32)
+        if self.scales is not None:
+            block *= self.scales[lo:hi, None]
+        return block
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Vector transforms: token pooling and int8 quantization
+# ----------------------------------------------------------------------------------------------------------
+
+
+def pool_tokens(vectors: np.ndarray, pool_factor: int, protected: int = 1) -> np.ndarray:
+    """Ward-cluster a document's token vectors into n // pool_factor groups and keep each group's mean.
+
+    As PyLate's hierarchical pooling: the first ``protected`` vectors (BOS) are kept as they are, the
+    means are not re-normalised, clusters are ordered by their first token. Ward linkage on the vectors
+    themselves (for unit vectors, squared distance is 2 - 2 cos).
+    """
+    x = np.asarray(vectors, dtype=np.float32)
+    head, rest = x[:protected], x[protected:]
+    n = len(rest)
+    target = max(n // pool_factor, 1)
+    if pool_factor <= 1 or n <= target:
+        return x
+    cent = rest.astype(np.float64)
+    size = np.ones(n)
+    first = np.arange(n)
+    alive = np.ones(n, dtype=bool)
+    sq = (cent**2).sum(1)
+    dist = 0.5 * np.maximum(sq[:, None] + sq[None, :] - 2 * cent @ cent.T, 0.0)
+    np.fill_diagonal(dist, np.inf)
+    for _ in range(n - target):
+        i, j = divmod(int(np.argmin(dist)), n)
+        i, j = min(i, j), max(i, j)
+        cent[i] = (size[i] * cent[i] + size[j] * cent[j]) / (size[i] + size[j])
+        size[i] += size[j]
+        alive[j] = False
+        dist[j, :] = dist[:, j] = np.inf
+        row = size * size[i] / (size + size[i]) * ((cent - cent[i]) ** 2).sum(1)
+        row[~alive] = np.inf
+        row[i] = np.inf
+        dist[i, :] = dist[:, i] = row
+    pooled = cent[alive][np.argsort(first[alive], kind="stable")]
+    return np.concatenate([head, pooled.astype(np.float32)])
+
+
+def quantize_int8(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8: (codes, scales) with vectors ~= codes * scales[:, None]."""
+    x = np.asarray(vectors, dtype=np.float32)
+    scales = np.abs(x).max(axis=1) / 127.0
+    scales[scales == 0] = 1.0
+    codes = np.clip(np.rint(x / scales[:, None]), -127, 127).astype(np.int8)
+    return codes, scales.astype(np.float32)
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files: durable writes, the writer lock, checks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name == "nt":  # pragma: no cover - directories cannot be opened for fsync there
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes) -> tuple[int, str]:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (threads are serialised by the Index's own lock)."""
+    with open(path, "a+b") as f:
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        else:  # pragma: no cover - Windows
+            f.seek(0)
+            while True:
+                try:
+                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:
+                    continue
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            else:  # pragma: no cover - Windows
+                f.seek(0)
+                msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+
+
+_IDENTITIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_identity(encoder) -> str:
+    """The encoder's GGUF identity, hashed once per encoder (it reads the whole file)."""
+    if encoder not in _IDENTITIES:
+        _IDENTITIES[encoder] = encoder.model_file.header.identity()
+    return _IDENTITIES[encoder]
+
+
+def _corrupt(path: Path, problem: str) -> IndexCorruptError:
+    return IndexCorruptError(
+        f"the index at {path} is damaged: {problem}. It was changed by something other than lfm2edge "
+        "(or the disk lost data); restore the folder from a backup or rebuild it with "
+        "`lfm2edge index create`."
+    )
+
+
+def _check_ids(ids: object, n: int) -> list[str]:
+    if isinstance(ids, str):
+        ids = [ids]
+    if not isinstance(ids, Sequence):
+        raise InvalidInputError(f"ids must be a list of strings, not {type(ids).__name__}")
+    ids = list(ids)
+    if len(ids) != n:
+        raise InvalidInputError(f"got {n} texts but {len(ids)} ids")
+    for i, d in enumerate(ids):
+        if not isinstance(d, str) or not d:
+            raise InvalidInputError(f"id {i} must be a non-empty string, got {d!r}")
+    return ids
+
+
+def _check_texts(texts: object) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, Sequence):
+        raise InvalidInputError(f"texts must be a list of strings, not {type(texts).__name__}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InvalidInputError(f"text {i} is {type(t).__name__}, not str")
+        if not t.strip():
+            raise InvalidInputError(f"text {i} is empty or only whitespace; remove it or give it content")
+    return list(texts)
+
+
+def _check_metadata(metadata: object, n: int) -> list[dict | None]:
+    if metadata is None:
+        return [None] * n
+    if isinstance(metadata, Mapping):
+        metadata = [metadata]
+    if not isinstance(metadata, Sequence) or len(metadata) != n:
+        raise InvalidInputError(f"metadata must be a list of {n} dicts (or None), one per text")
+    for i, m in enumerate(metadata):
+        if m is not None and not isinstance(m, Mapping):
+            raise InvalidInputError(f"metadata {i} must be a dict or None, not {type(m).__name__}")
+        try:
+            json.dumps(m, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise InvalidInputError(f"metadata {i} is not JSON-serialisable: {e}") from None
+    return [None if m is None else dict(m) for m in metadata]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The index
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Index:
+    """Document vectors of one model in a folder; exact search. Create with ``create`` or ``open``.
+
+    Thread-safe: searches run concurrently with each other and with writes (they score the segments
+    committed when they started); writes are serialised, across processes too, and a search first
+    adopts what other processes committed. ``encoder`` may be None to inspect or delete without
+    loading a model; adding and searching need it.
+    """
+
+    def __init__(self, path: Path, manifest: dict, encoder=None):
+        self.path = path
+        self.encoder = encoder
+        self._write_lock = threading.RLock()
+        self._manifest: dict = {}
+        self._segments: tuple[_Segment, ...] = ()
+        self._where: dict[str, tuple[str, int]] = {}
+        self._seen: tuple[int, int] | None = None  # the manifest file our state reflects (None: unknown)
+        self._install(manifest)
+
+    # -- opening ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        encoder,
+        *,
+        dtype: str = "float16",
+        pool_factor: int = 1,
+        store_texts: bool = True,
+    ) -> Index:
+        """A new, empty index at ``path`` (a missing or empty folder) for ``encoder``'s model.
+
+        ``dtype="int8"`` halves the vectors again (one float32 scale per row); ``pool_factor=2`` (ColBERT)
+        keeps about half of each document's token vectors. tests/test_index.py measures both.
+        """
+        path = Path(path)
+        if dtype not in DTYPES:
+            raise InvalidInputError(f"dtype must be one of {DTYPES}, not {dtype!r}")
+        if not isinstance(pool_factor, int) or pool_factor < 1:
+            raise InvalidInputError(f"pool_factor must be a positive integer, not {pool_factor!r}")
+        if pool_factor > 1 and encoder.kind is not ModelKind.LATE_INTERACTION:
+            raise InvalidInputError("token pooling (pool_factor > 1) applies to ColBERT models only")
+        if (path / MANIFEST).exists():
+            raise InvalidInputError(f"{path} already holds an index; open it with Index.open")
+        # An empty segments/ folder is what a create interrupted before its manifest leaves.
+        leftovers = (
+            [p for p in path.iterdir() if p.name != SEGMENTS or not p.is_dir() or any(p.iterdir())]
+            if path.is_dir()
+            else []
+        )
+        if path.exists() and (not path.is_dir() or leftovers):
+            raise InvalidInputError(
+                f"{path} exists and is not an empty folder; choose a new path for the index"
+            )
+        settings = IndexSettings(
+            identity=model_identity(encoder),
+            kind=encoder.kind,
+            dim=int(encoder.dim),
+            dtype=dtype,
+            pool_factor=pool_factor,
+            store_texts=store_texts,
+            model_path=str(Path(encoder.path).resolve()),
+        )
+        (path / SEGMENTS).mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "generation": 0,
+            "model": {
+                "identity": settings.identity,
+                "kind": settings.kind.value,
+                "dim": settings.dim,
+                "path": settings.model_path,
+            },
+            "storage": {"dtype": dtype, "pool_factor": pool_factor, "store_texts": store_texts},
+            "next_id": 0,
+            "segments": [],
+        }
+        _write_manifest(path, manifest)
+        _fsync_dir(path.parent if path.parent != path else path)
+        return cls(path, manifest, encoder)
+
+    @classmethod
+    def open(cls, path: str | Path, encoder=None) -> Index:
+        """Open an existing index; refuses an encoder whose model did not build it."""
+        path = Path(path)
+        index = _consistently(path, lambda manifest: cls(path, manifest, None))
+        if encoder is not None:
+            index._check_model(encoder)
+            index.encoder = encoder
+        return index
+
+    @classmethod
+    def open_or_create(cls, path: str | Path, encoder, **create_options) -> Index:
+        """Open ``path`` if it holds an index, else create one there with ``create_options``."""
+        path = Path(path)
+        if (path / MANIFEST).exists():
+            return cls.open(path, encoder)
+        return cls.create(path, encoder, **create_options)
+
+    def _check_model(self, encoder) -> None:
+        s = self.settings
+        ours = model_identity(encoder)
+        if ours != s.identity:
+            raise IndexModelMismatchError(
+                f"the index at {self.path} was built by another model "
+                f"(identity {s.identity}, {s.kind.value}, "
+                f"dim {s.dim}, from {s.model_path or 'an unknown path'}); {encoder.path} is {ours} "
+                f"({encoder.kind.value}, dim {encoder.dim}). Open it with the model that built it, "
+                "or build a new index for this model."
+            )
+
+    # -- state --------------------------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> IndexSettings:
+        m, s = self._manifest["model"], self._manifest["storage"]
+        return IndexSettings(
+            identity=m["identity"],
+            kind=ModelKind(m["kind"]),
+            dim=int(m["dim"]),
+            dtype=s["dtype"],
+            pool_factor=int(s["pool_factor"]),
+            store_texts=bool(s["store_texts"]),
+            model_path=m.get("path", ""),
+        )
+
+    @property
+    def generation(self) -> int:
+        return int(self._manifest["generation"])
+
+    def __len__(self) -> int:
+        return sum(s.live for s in self._segments)
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self._where
+
+    def ids(self) -> list[str]:
+        """Every live id, in insertion order (per segment)."""
+        return [d for s in self._segments for d, gone in zip(s.ids, s.deleted, strict=True) if not gone]
+
+    def _install(self, manifest: dict) -> None:
+        """Make ``manifest`` the current state, reusing segments already open."""
+        open_now = {s.name: s for s in self._segments}
+        segments = []
+        for entry in manifest["segments"]:
+            seg = open_now.get(entry["name"]) or _open_segment(self.path, entry, manifest)
+            rows = np.asarray(entry.get("deleted", []), dtype=np.int64)
+            if len(rows) and (rows.min() < 0 or rows.max() >= len(seg.ids)):
+                raise _corrupt(self.path, f"segment {seg.name} lists deleted rows that it does not have")
+            deleted = np.zeros(len(seg.ids), dtype=bool)
+            deleted[rows] = True
+            deleted.flags.writeable = False
+            segments.append(_replace_deleted(seg, deleted))
+        where = {}
+        for seg in segments:
+            for row, (doc_id, gone) in enumerate(zip(seg.ids, seg.deleted, strict=True)):
+                if not gone:
+                    where[doc_id] = (seg.name, row)
+        self._manifest, self._segments, self._where = manifest, tuple(segments), where
+
+    def refresh(self) -> bool:
+        """Pick up commits made by other processes; True when something changed."""
+
+        def adopt(manifest: dict) -> bool:
+            if manifest["generation"] == self.generation:
+                return False
+            self._install(manifest)
+            return True
+
+        with self._write_lock:
+            stamp = _stamp(self.path)  # taken before reading: a commit in between only costs a re-read
+            changed = _consistently(self.path, adopt)
+            self._seen = stamp
+            return changed
+
+    def _refresh_if_changed(self) -> None:
+        """Adopt another process's commits before a search; one stat when nothing changed, never blocking."""
+        try:
+            if _stamp(self.path) == self._seen or not self._write_lock.acquire(blocking=False):
+                return  # unchanged, or a writer here is busy and will adopt the latest state itself
+        except OSError:
+            return  # the folder went away: keep answering from what is mapped
+        try:
+            self.refresh()
+        finally:
+            self._write_lock.release()
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Serialise writers (threads and processes), starting from the latest committed state."""
+        with self._write_lock, _file_lock(self.path / LOCK):
+            self._seen = _stamp(self.path)
+            manifest = _read_manifest(self.path)
+            if manifest["generation"] != self.generation:
+                self._install(manifest)
+            _remove_orphans(self.path, {s.name for s in self._segments})
+            yield
+            _remove_orphans(self.path, {s.name for s in self._segments})  # what a merge or delete superseded
+
+    def _commit(self, segments: Sequence[_Segment], next_id: int | None = None) -> None:
+        """Write the manifest naming ``segments`` (the commit point), then adopt it."""
+        manifest = dict(self._manifest)
+        manifest["generation"] = self.generation + 1
+        if next_id is not None:
+            manifest["next_id"] = next_id
+        manifest["segments"] = [
+            {
+                "name": s.name,
+                "docs": len(s.ids),
+                "rows": int(s.offsets[-1]),
+                "deleted": np.flatnonzero(s.deleted).tolist(),
+                "files": {k: list(v) for k, v in s.files.items()},
+            }
+            for s in segments
+        ]
+        _write_manifest(self.path, manifest)
+        self._seen = _stamp(self.path)  # under the writer lock: nobody else committed since
+        self._install(manifest)
+
+    # -- writing ------------------------------------------------------------------------------------------
+
+    def _need_encoder(self, what: str):
+        if self.encoder is None:
+            raise InvalidInputError(f"{what} needs the model: open the index with Index.open(path, encoder)")
+        return self.encoder
+
+    def add(
+        self,
+        texts: Sequence[str] | str,
+        ids: Sequence[str] | str | None = None,
+        metadata: Sequence[Mapping | None] | Mapping | None = None,
+        *,
+        on_duplicate: OnDuplicate = "error",
+        batch_size: int = 32,
+        commit_every: int = 256,
+        show_progress_bar: bool = False,
+    ) -> list[str]:
+        """Encode and store documents; returns their ids (generated when ``ids`` is None).
+
+        Commits every ``commit_every`` texts: a crash keeps every batch committed before it, and
+        re-running the same add with ``on_duplicate="skip"`` resumes it. An id already present
+        raises ``DuplicateIdError`` before anything is written (``"error"``), is left as it is
+        (``"skip"``, and not encoded), or is deleted and re-added in the same commit (``"replace"``).
+        """
+        encoder = self._need_encoder("adding documents")
+        texts = _check_texts(texts)
+        metas = _check_metadata(metadata, len(texts))
+        if on_duplicate not in ON_DUPLICATE:
+            raise InvalidInputError(f"on_duplicate must be one of {ON_DUPLICATE}, not {on_duplicate!r}")
+        if commit_every < 1:
+            raise InvalidInputError(f"commit_every must be at least 1, got {commit_every}")
+        from lfm2edge.runtime.encoders import _progress
+
+        id_list: list[str] = []
+        bar = _progress(len(texts), show_progress_bar)
+        for start in range(0, len(texts), commit_every):
+            end = start + commit_every
+            with self._writing():
+                next_id = None
+                if (
+                    start == 0
+                ):  # checked under the same lock as the first commit, which reserves generated ids
+                    id_list, next_id = self._ids_for(ids, len(texts), on_duplicate)
+                batch = [
+                    (d, t, m)
+                    for d, t, m in zip(id_list[start:end], texts[start:end], metas[start:end], strict=True)
+                    if on_duplicate != "skip" or d not in self._where
+                ]
+                if start > 0 and on_duplicate == "error" and any(d in self._where for d, _, _ in batch):
+                    raise DuplicateIdError(
+                        "another writer added some of these ids meanwhile; nothing more was added"
+                    )
+                if batch:
+                    self._add_batch(encoder, batch, batch_size, next_id)
+                    self._merge_small_segments()
+            bar(min(end, len(texts)) - start)
+        bar(0, close=True)
+        return id_list
+
+    def _ids_for(self, ids: object, n: int, on_duplicate: str) -> tuple[list[str], int | None]:
+        """The ids of an add (checked, or generated) and the id counter to commit (None: unchanged)."""
+        if ids is None:
+            return self._new_ids(n)
+        id_list = _check_ids(ids, n)
+        repeated = [d for d, count in Counter(id_list).items() if count > 1]
+        if repeated:
+            raise DuplicateIdError(f"ids repeated within this call: {repeated[:5]}")
+        present = [d for d in id_list if d in self._where]
+        if present and on_duplicate == "error":
+            raise DuplicateIdError(
+                f"{len(present)} id(s) already in the index, e.g. {present[:5]}; pass "
+                "on_duplicate='replace' to update them or 'skip' to keep them"
+            )
+        return id_list, None
+
+    def _new_ids(self, n: int) -> tuple[list[str], int]:
+        """``n`` fresh ids ("0", "1", ...) from the manifest's counter, and the counter after them."""
+        out, counter = [], int(self._manifest["next_id"])
+        while len(out) < n:
+            if str(counter) not in self._where:
+                out.append(str(counter))
+            counter += 1
+        return out, counter
+
+    def _add_batch(
+        self, encoder, batch: list[tuple[str, str, dict | None]], batch_size: int, next_id: int | None
+    ) -> None:
+        s = self.settings
+        texts = [t for _, t, _ in batch]
+        if s.kind is ModelKind.LATE_INTERACTION:
+            docs = encoder.encode_document(texts, batch_size=batch_size)
+            if s.pool_factor > 1:
+                docs = [pool_tokens(d, s.pool_factor) for d in docs]
+            rows, lengths = np.concatenate(docs), np.array([len(d) for d in docs])
+        else:
+            rows = _normalize(encoder.encode_document(texts, batch_size=batch_size))
+            lengths = np.ones(len(rows), dtype=np.int64)
+        if s.dtype == "int8":
+            vectors, scales = quantize_int8(rows)
+        else:
+            vectors, scales = rows.astype(np.float16), None
+        seg = _write_segment(
+            self.path,
+            f"{self.generation + 1:08d}-{secrets.token_hex(4)}",
+            vectors,
+            scales,
+            lengths,
+            [d for d, _, _ in batch],
+            [_record_line(t if s.store_texts else None, m) for _, t, m in batch],
+        )
+        replaced = self._tombstoned({d for d, _, _ in batch if d in self._where})
+        self._commit([*replaced, seg], next_id)
+
+    def _tombstoned(self, doc_ids: set[str]) -> list[_Segment]:
+        """The current segments with ``doc_ids`` marked deleted."""
+        rows: dict[str, list[int]] = {}
+        for d in doc_ids:
+            name, row = self._where[d]
+            rows.setdefault(name, []).append(row)
+        out = []
+        for seg in self._segments:
+            if seg.name in rows:
+                deleted = seg.deleted.copy()
+                deleted[rows[seg.name]] = True
+                seg = _replace_deleted(seg, deleted)
+            out.append(seg)
+        return out
+
+    def delete(self, ids: Sequence[str] | str, missing_ok: bool = False) -> int:
+        """Delete documents by id in one commit; returns how many were deleted.
+
+        Unknown ids raise ``InvalidInputError`` (nothing is deleted) unless ``missing_ok``.
+        """
+        if isinstance(ids, str):
+            ids = [ids]
+        ids = list(ids)
+        with self._writing():
+            missing = [d for d in ids if d not in self._where]
+            if missing and not missing_ok:
+                raise InvalidInputError(
+                    f"{len(missing)} id(s) are not in the index, e.g. {missing[:5]}; nothing was deleted"
+                )
+            present = {d for d in ids if d in self._where}
+            if present:
+                self._commit([s for s in self._tombstoned(present) if s.live])
+        return len(present)
+
+    def compact(self) -> None:
+        """Rewrite every live document into one segment, reclaiming deleted space."""
+        with self._writing():
+            if len(self._segments) > 1 or any(s.deleted.any() for s in self._segments):
+                self._merge(list(self._segments))
+
+    def _merge_small_segments(self) -> None:
+        """Keep at most MAX_SEGMENTS segments (the caller holds the write lock)."""
+        while len(self._segments) > MAX_SEGMENTS:
+            by_size = sorted(self._segments, key=lambda s: int(s.offsets[-1]))
+            self._merge(by_size[:MERGE_WIDTH])
+
+    def _merge(self, group: list[_Segment]) -> None:
+        """Replace ``group`` by one segment of its live documents (stored rows copied, never re-quantized)."""
+        names = {s.name for s in group}
+        parts: list[tuple[np.ndarray, np.ndarray | None, np.ndarray]] = []
+        ids: list[str] = []
+        lines: list[bytes] = []
+        for seg in group:
+            keep = ~seg.deleted
+            if not keep.any():
+                continue
+            lengths = np.diff(seg.offsets)
+            rows = np.repeat(keep, lengths)
+            parts.append((seg.vectors[rows], None if seg.scales is None else seg.scales[rows], lengths[keep]))
+            ids.extend(d for d, k in zip(seg.ids, keep, strict=True) if k)
+            lines.extend(bytes(seg.docs[seg.lines[r] : seg.lines[r + 1]]) for r in np.flatnonzero(keep))
+        kept = [s for s in self._segments if s.name not in names]
+        if parts:
+            kept.append(
+                _write_segment(
+                    self.path,
+                    f"{self.generation + 1:08d}-{secrets.token_hex(4)}",
+                    np.concatenate([p[0] for p in parts]),
+                    None if parts[0][1] is None else np.concatenate([p[1] for p in parts]),
+                    np.concatenate([p[2] for p in parts]),
+                    ids,
+                    lines,
+                )
+            )
+        self._commit(kept)
+
+    # -- searching ----------------------------------------------------------------------------------------
+
+    def search(self, query: str, k: int = 10) -> list[Hit]:
+        """The ``k`` best documents for ``query``, best first."""
+        if not isinstance(query, str):
+            raise InvalidInputError(
+                f"query must be a string, not {type(query).__name__}; use search_many for lists"
+            )
+        return self.search_many([query], k)[0]
+
+    def search_many(self, queries: Sequence[str], k: int = 10, batch_size: int = 32) -> list[list[Hit]]:
+        """One hit list per query; queries are encoded in batches and scored together."""
+        encoder = self._need_encoder("searching")
+        queries = _check_texts(queries)
+        if not queries:
+            return []
+        vectors = encoder.encode_query(queries, batch_size=batch_size)
+        return self.search_vectors(vectors if isinstance(vectors, list) else list(vectors), k)
+
+    def search_vectors(self, queries: Sequence[np.ndarray], k: int = 10) -> list[list[Hit]]:
+        """Search with query vectors already encoded: [tokens, dim] matrices (ColBERT) or [dim] vectors."""
+        if not isinstance(k, int) or k < 1:
+            raise InvalidInputError(f"k must be a positive integer, got {k!r}")
+        late = self.settings.kind is ModelKind.LATE_INTERACTION
+        dim = self.settings.dim
+        qs = [np.asarray(q, dtype=np.float32) for q in queries]
+        for i, q in enumerate(qs):
+            if q.ndim != (2 if late else 1) or q.shape[-1] != dim or not np.isfinite(q).all():
+                want = f"[tokens, {dim}]" if late else f"[{dim}]"
+                raise InvalidInputError(f"query {i} must be a finite {want} array, got shape {q.shape}")
+        self._refresh_if_changed()
+        segments = self._segments  # one consistent snapshot, even while others write
+        hits: list[list[Hit]] = []
+        for g in range(0, len(qs), QUERY_GROUP):
+            hits.extend(self._search_group(segments, qs[g : g + QUERY_GROUP], k, late))
+        return hits
+
+    def _search_group(
+        self, segments: tuple[_Segment, ...], qs: list[np.ndarray], k: int, late: bool
+    ) -> list[list[Hit]]:
+        if late:
+            qcat = np.concatenate(qs)
+            starts = np.cumsum([0] + [len(q) for q in qs[:-1]])
+        else:
+            qcat = _normalize(np.stack(qs))
+            starts = None
+        parts = []
+        for seg in segments:
+            scores = _score_segment(seg, qcat, starts)
+            scores[seg.deleted] = -np.inf
+            parts.append(scores)
+        if not parts:
+            return [[] for _ in qs]
+        scores = np.concatenate(parts)  # [docs, queries]
+        bounds = np.cumsum([0] + [len(s.ids) for s in segments])
+        k = min(k, sum(s.live for s in segments))
+        out = []
+        for col in range(len(qs)):
+            column = scores[:, col]
+            top = np.argpartition(-column, k - 1)[:k] if 0 < k < len(column) else np.arange(len(column))
+            top = top[np.lexsort((top, -column[top]))]  # best first; ties in index order
+            found = []
+            for pos in top[:k]:
+                if not np.isfinite(column[pos]):
+                    continue
+                s = int(np.searchsorted(bounds, pos, side="right")) - 1
+                seg, row = segments[s], int(pos - bounds[s])
+                rec = seg.record(row)
+                found.append(Hit(seg.ids[row], float(column[pos]), rec.get("text"), rec.get("metadata")))
+            out.append(found)
+        return out
+
+    # -- inspecting ---------------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        s = self.settings
+        segments = self._segments
+        return {
+            "path": str(self.path),
+            "format_version": self._manifest["version"],
+            "generation": self.generation,
+            "kind": s.kind.value,
+            "dim": s.dim,
+            "dtype": s.dtype,
+            "pool_factor": s.pool_factor,
+            "store_texts": s.store_texts,
+            "model_identity": s.identity,
+            "model_path": s.model_path,
+            "documents": sum(x.live for x in segments),
+            "deleted": sum(int(x.deleted.sum()) for x in segments),
+            "segments": len(segments),
+            "vectors": sum(int(x.offsets[-1]) for x in segments),
+            "bytes": sum(size for x in segments for size, _ in x.files.values()),
+        }
+
+    def verify(self) -> list[str]:
+        """Re-hash every segment file against the manifest; the problems found (empty: intact)."""
+        problems = []
+        for seg in self._segments:
+            for fname, (size, digest) in seg.files.items():
+                p = self.path / SEGMENTS / seg.name / fname
+                if not p.is_file():
+                    problems.append(f"{p} is missing")
+                elif p.stat().st_size != size or _sha256(p) != digest:
+                    problems.append(f"{p} does not match its checksum")
+        return problems
+
+    def close(self) -> None:
+        """Drop the memory maps; the index object is unusable afterwards."""
+        self._segments, self._where, self.encoder = (), {}, None
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return (
+            f"Index({str(self.path)!r}, {len(self)} documents, {s.kind.value}, {s.dtype}, "
+            f"pool_factor={s.pool_factor})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Segments and the manifest on disk
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _replace_deleted(seg: _Segment, deleted: np.ndarray) -> _Segment:
+    from dataclasses import replace
+
+    return replace(seg, deleted=deleted)
+
+
+def _score_segment(seg: _Segment, qcat: np.ndarray, starts: np.ndarray | None) -> np.ndarray:
+    """Scores [docs, queries] of one segment: MaxSim when ``starts`` splits ``qcat`` into queries, else dot
+    products (dense: one row per document)."""
+    n_docs, offsets = len(seg.ids), seg.offsets
+    n_queries = len(qcat) if starts is None else len(starts)
+    out = np.empty((n_docs, n_queries), dtype=np.float32)
+    block = max(1, BLOCK_FLOATS // max(len(qcat), seg.vectors.shape[1]))
+    first = 0
+    while first < n_docs:
+        # Whole documents per block, at least one.
+        last = int(np.searchsorted(offsets, offsets[first] + block, side="right")) - 1
+        last = min(max(last, first + 1), n_docs)
+        lo, hi = int(offsets[first]), int(offsets[last])
+        sims = seg.rows(lo, hi) @ qcat.T  # [rows, query vectors]
+        if starts is None:
+            out[first:last] = sims
+        else:
+            best = np.maximum.reduceat(sims, offsets[first:last] - lo, axis=0)  # [docs, query vectors]
+            out[first:last] = np.add.reduceat(best, starts, axis=1)
+        first = last
+    return out
+
+
+def _record_line(text: str | None, metadata: Mapping | None) -> bytes:
+    return (
+        json.dumps({"text": text, "metadata": metadata}, ensure_ascii=False, allow_nan=False).encode() + b"\n"
+    )
+
+
+def _write_segment(
+    root: Path,
+    name: str,
+    vectors: np.ndarray,
+    scales: np.ndarray | None,
+    lengths: np.ndarray,
+    ids: Sequence[str],
+    lines: Sequence[bytes],
+) -> _Segment:
+    """Write a segment folder durably (temp name, fsync, rename) and open it; the caller commits it."""
+    tmp = root / SEGMENTS / f"{TMP_PREFIX}{name}"
+    final = root / SEGMENTS / name
+    tmp.mkdir(parents=True)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    arrays = {"vectors.npy": vectors, "offsets.npy": offsets}
+    if scales is not None:
+        arrays["scales.npy"] = scales.astype(np.float32)
+    arrays["lines.npy"] = np.concatenate([[0], np.cumsum([len(x) for x in lines])]).astype(np.int64)
+    files = {fname: _write_durable(tmp / fname, _npy_bytes(a)) for fname, a in arrays.items()}
+    files["ids.json"] = _write_durable(tmp / "ids.json", json.dumps(list(ids), ensure_ascii=False).encode())
+    files["docs.jsonl"] = _write_durable(tmp / "docs.jsonl", b"".join(lines))
+    _fsync_dir(tmp)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    entry = {"name": name, "docs": len(ids), "rows": int(offsets[-1]), "files": files}
+    return _open_segment(root, entry, {"storage": {"dtype": str(vectors.dtype)}})
+
+
+def _open_segment(root: Path, entry: dict, manifest: dict) -> _Segment:
+    """Open a committed segment, checking it against its manifest entry (cheap checks: sizes, shapes)."""
+    folder = root / SEGMENTS / str(entry.get("name"))
+    files = {k: (int(v[0]), str(v[1])) for k, v in entry["files"].items()}
+    for fname, (size, _) in files.items():
+        p = folder / fname
+        if not p.is_file():
+            raise _corrupt(root, f"{p} is missing")
+        if p.stat().st_size != size:
+            raise _corrupt(root, f"{p} has {p.stat().st_size} bytes, the manifest says {size}")
+    try:
+        vectors = np.load(folder / "vectors.npy", mmap_mode="r", allow_pickle=False)
+        scales = (
+            np.load(folder / "scales.npy", mmap_mode="r", allow_pickle=False)
+            if "scales.npy" in files
+            else None
+        )
+        offsets = np.load(folder / "offsets.npy", allow_pickle=False)
+        lines = np.load(folder / "lines.npy", allow_pickle=False)
+        ids = tuple(json.loads((folder / "ids.json").read_text(encoding="utf-8")))
+        docs = np.memmap(folder / "docs.jsonl", dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as e:
+        raise _corrupt(root, f"segment {folder.name} cannot be read ({e})") from None
+    n, rows, dtype = int(entry["docs"]), int(entry["rows"]), manifest["storage"]["dtype"]
+    ok = (
+        vectors.ndim == 2
+        and vectors.shape[0] == rows
+        and vectors.dtype == np.dtype(dtype)
+        and (scales is None) == (dtype != "int8")
+        and (scales is None or scales.shape == (rows,))
+        and offsets.shape == (n + 1,)
+        and offsets[0] == 0
+        and offsets[-1] == rows
+        and bool(np.all(np.diff(offsets) > 0))
+        and lines.shape == (n + 1,)
+        and lines[-1] == len(docs)
+        and len(ids) == n
+        and all(isinstance(d, str) for d in ids)
+    )
+    if not ok:
+        raise _corrupt(root, f"segment {folder.name} is inconsistent with the manifest")
+    return _Segment(
+        str(entry["name"]), ids, vectors, scales, offsets, lines, docs, np.zeros(n, dtype=bool), files
+    )
+
+
+def _read_manifest(path: Path) -> dict:
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise IndexCorruptError(
+            f"{path} does not exist or is not a folder; create an index with `lfm2edge index create`"
+        )
+    if not manifest_path.is_file():
+        raise IndexCorruptError(
+            f"{path} is not an lfm2edge index (it has no {MANIFEST}); "
+            "create one with `lfm2edge index create` "
+            "or Index.create"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _corrupt(path, f"{MANIFEST} cannot be read ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IndexCorruptError(f"{path}/{MANIFEST} is not an lfm2edge index manifest (no format '{FORMAT}')")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise IndexCorruptError(
+            f"{path} is index format version {manifest.get('version')}; "
+            f"this lfm2edge reads version {FORMAT_VERSION}. "
+            "Upgrade lfm2edge or rebuild the index."
+        )
+    try:
+        ModelKind(manifest["model"]["kind"])
+        int(manifest["model"]["dim"]), str(manifest["model"]["identity"]), int(manifest["generation"])
+        if manifest["storage"]["dtype"] not in DTYPES:
+            raise ValueError(f"unknown dtype {manifest['storage']['dtype']!r}")
+        int(manifest["storage"]["pool_factor"]), int(manifest["next_id"])
+        for e in manifest["segments"]:
+            str(e["name"]), int(e["docs"]), int(e["rows"]), dict(e["files"]), list(e.get("deleted", []))
+    except (KeyError, TypeError, ValueError) as e:
+        raise _corrupt(path, f"{MANIFEST} lacks or mangles a field ({e!r})") from None
+    return manifest
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """Identifies one manifest file: each commit replaces it by a new file (new inode)."""
+    st = os.stat(path / MANIFEST)
+    return st.st_ino, st.st_mtime_ns
+
+
+def _consistently(path: Path, use: Callable[[dict], T]) -> T:
+    """``use(manifest)`` on the current manifest, again if a commit elsewhere removed a segment meanwhile."""
+    for attempt in range(3):
+        manifest = _read_manifest(path)
+        try:
+            return use(manifest)
+        except IndexCorruptError:
+            if attempt == 2 or _read_manifest(path)["generation"] == manifest["generation"]:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    """The commit point: the new manifest is complete on disk before it replaces the old one."""
+    tmp = path / f"{MANIFEST}{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    _write_durable(tmp, json.dumps(manifest, indent=1, ensure_ascii=False).encode())
+    os.replace(tmp, path / MANIFEST)
+    _fsync_dir(path)
+
+
+def _remove_orphans(path: Path, committed: set[str]) -> None:
+    """Delete what crashed or superseded writes left: temp manifests, unnamed or merged segments."""
+    for p in path.glob(f"{MANIFEST}{TMP_PREFIX}*"):
+        p.unlink(missing_ok=True)
+    segments = path / SEGMENTS
+    if not segments.is_dir():
+        raise _corrupt(path, f"the {SEGMENTS}/ folder is missing")
+    for p in segments.iterdir():
+        if p.is_dir() and p.name not in committed:
+            shutil.rmtree(p, ignore_errors=True)  # a reader elsewhere keeps its memory maps alive

@@ -1,0 +1,496 @@
+"""Search commands: ``encode``, ``index create|add|delete|info|compact``, ``search``, ``rerank``, ``serve``.
+
+Texts come from a file or stdin ("-"), as text lines (one text per non-blank line) or JSONL (a JSON
+string, or an object with a "text" field and optional "id" and "metadata"). ``--json`` prints one
+JSON document for scripts. Exit codes are the ``lfm2edge`` ones (2: bad input, 3: unusable model).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from lfm2edge.runtime.errors import InvalidInputError
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="print one JSON document for scripts")]
+Threads = Annotated[
+    int | None, typer.Option("--threads", help="CPU threads for llama.cpp (default: all cores)")
+]
+InputFormat = Annotated[
+    str,
+    typer.Option(
+        "--input-format", help='auto | text | jsonl (auto: .jsonl/.json files, or lines starting with { or ")'
+    ),
+]
+TextField = Annotated[str, typer.Option("--text-field", help="JSONL field holding the text")]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_records(source: str, fmt: str = "auto", text_field: str = "text") -> list[dict[str, Any]]:
+    """Records {"text", optional "id", "metadata"} from a file or "-" (stdin), as text lines or JSONL."""
+    if fmt not in ("auto", "text", "jsonl"):
+        raise InvalidInputError(f"--input-format must be auto, text or jsonl, not {fmt!r}")
+    if source == "-":
+        raw = sys.stdin.read()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise InvalidInputError(f"input file {path} does not exist")
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInputError(f"{path} is not UTF-8 text") from None
+    lines = [(n, line) for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
+    if fmt == "auto":
+        jsonl = source.endswith((".jsonl", ".json")) or bool(lines and lines[0][1].lstrip()[:1] in ("{", '"'))
+        fmt = "jsonl" if jsonl else "text"
+    if fmt == "text":
+        records = [{"text": line} for _, line in lines]
+    else:
+        records = [_json_record(n, line, source, text_field) for n, line in lines]
+    if not records:
+        raise InvalidInputError(f"no texts in {'stdin' if source == '-' else source}")
+    return records
+
+
+def _json_record(n: int, line: str, source: str, text_field: str) -> dict[str, Any]:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(
+            f"{source} line {n} is not JSON ({e.msg}); use --input-format text for plain lines"
+        ) from None
+    if isinstance(value, str):
+        return {"text": value}
+    if not isinstance(value, dict) or not isinstance(value.get(text_field), str):
+        raise InvalidInputError(
+            f"{source} line {n}: expected a JSON string or an object with a string {text_field!r} field"
+        )
+    record = {"text": value[text_field]}
+    if "id" in value:
+        record["id"] = str(value["id"])
+    if value.get("metadata") is not None:
+        record["metadata"] = value["metadata"]
+    return record
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _load(model: Path, threads: int | None):
+    from lfm2edge.runtime.encoders import load
+
+    return load(model, n_threads=threads)
+
+
+def _open_index(path: Path, model: Path | None, threads: int | None):
+    """The index and an encoder for it: ``model``, or the GGUF the index was created from."""
+    from lfm2edge.runtime.index import Index
+
+    index = Index.open(path)
+    if model is None:
+        recorded = index.settings.model_path
+        if not recorded or not Path(recorded).is_file():
+            raise InvalidInputError(
+                f"the index was built from {recorded or 'an unrecorded path'}, which is not there now; "
+                "pass --model"
+            )
+        model = Path(recorded)
+    encoder = _load(model, threads)
+    try:
+        return Index.open(path, encoder), encoder
+    except Exception:
+        encoder.close()
+        raise
+
+
+def _echo_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# encode
+# ----------------------------------------------------------------------------------------------------------
+
+
+def encode(
+    model: Annotated[Path, typer.Argument(help="a retriever GGUF", show_default=False)],
+    source: Annotated[str, typer.Argument(help="a text or JSONL file; - for stdin")] = "-",
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help=".npy (dense), .npz (packed vectors + offsets) or .jsonl; default: JSONL to stdout",
+        ),
+    ] = None,
+    as_queries: Annotated[
+        bool, typer.Option("--queries", help="encode as queries (default: documents)")
+    ] = False,
+    input_format: InputFormat = "auto",
+    text_field: TextField = "text",
+    threads: Threads = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Encode texts to vectors: one per text (dense) or one per token (ColBERT).
+
+    .npy holds a dense model's n x dim float32 matrix. .npz holds "vectors" (every text's rows stacked)
+    and "offsets" (text i owns rows offsets(i) to offsets(i+1)), for either kind. .jsonl holds one
+    {"index", "embedding"} object per text.
+    """
+    records = read_records(source, input_format, text_field)
+    suffix = output.suffix.lower() if output else ".jsonl"
+    if suffix not in (".npy", ".npz", ".jsonl"):
+        raise InvalidInputError(f"--output must end in .npy, .npz or .jsonl, not {suffix!r}")
+    with _load(model, threads) as encoder:
+        method = encoder.encode_query if as_queries else encoder.encode_document
+        vectors = list(method([r["text"] for r in records], show_progress_bar=_progress()))
+        late = encoder.kind.value == "late_interaction"
+        if suffix == ".npy" and late:
+            raise InvalidInputError(
+                "a ColBERT model gives a matrix per text, which .npy cannot hold; use .npz or .jsonl"
+            )
+        if output is None:
+            for i, v in enumerate(vectors):
+                typer.echo(json.dumps({"index": i, "embedding": v.tolist()}))
+        elif suffix == ".npy":
+            np.save(output, np.stack(vectors))
+        elif suffix == ".npz":
+            rows = [v[None] if v.ndim == 1 else v for v in vectors]
+            offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+            np.savez(output, vectors=np.concatenate(rows), offsets=offsets)
+        else:
+            with open(output, "w", encoding="utf-8") as f:
+                for i, v in enumerate(vectors):
+                    f.write(json.dumps({"index": i, "embedding": v.tolist()}) + "\n")
+        summary = {
+            "texts": len(vectors),
+            "kind": encoder.kind.value,
+            "dim": encoder.dim,
+            "output": str(output) if output else None,
+            "side": "query" if as_queries else "document",
+        }
+    if as_json and output is not None:
+        _echo_json(summary)
+    elif output is not None:
+        typer.echo(f"encoded {len(vectors)} texts ({summary['kind']}, dim {summary['dim']}) to {output}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# index
+# ----------------------------------------------------------------------------------------------------------
+
+IndexDir = Annotated[Path, typer.Argument(help="the index folder", show_default=False)]
+ModelOption = Annotated[
+    Path | None, typer.Option("--model", "-m", help="the GGUF (default: the one the index was built from)")
+]
+
+
+def index_create(
+    path: IndexDir,
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="the retriever GGUF whose vectors the index holds")
+    ],
+    dtype: Annotated[
+        str, typer.Option(help="float16 | int8 (int8: half the size, scores within about 1%)")
+    ] = "float16",
+    pool_factor: Annotated[
+        int, typer.Option(help="ColBERT token pooling: 2 keeps about half the vectors")
+    ] = 1,
+    store_texts: Annotated[
+        bool, typer.Option("--store-texts/--no-texts", help="keep the texts to return with hits")
+    ] = True,
+    threads: Threads = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Create an empty index for a model in a new (or empty) folder."""
+    from lfm2edge.runtime.index import Index
+
+    with _load(model, threads) as encoder:
+        index = Index.create(path, encoder, dtype=dtype, pool_factor=pool_factor, store_texts=store_texts)
+        info = index.info()
+    if as_json:
+        _echo_json(info)
+    else:
+        typer.echo(
+            f"created {path}: {info['kind']}, dim {info['dim']}, {info['dtype']}, "
+            f"pool factor {info['pool_factor']}"
+        )
+
+
+def index_add(
+    path: IndexDir,
+    source: Annotated[str, typer.Argument(help="a text or JSONL file; - for stdin")] = "-",
+    model: ModelOption = None,
+    on_duplicate: Annotated[
+        str, typer.Option(help="error | skip | replace, for ids already in the index")
+    ] = "error",
+    input_format: InputFormat = "auto",
+    text_field: TextField = "text",
+    commit_every: Annotated[int, typer.Option(help="texts per durable commit")] = 256,
+    threads: Threads = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Encode texts and add them to an index (JSONL objects may carry "id" and "metadata")."""
+    records = read_records(source, input_format, text_field)
+    with_ids = [r for r in records if "id" in r]
+    if with_ids and len(with_ids) != len(records):
+        raise InvalidInputError('give every JSONL record an "id", or none (the index then numbers them)')
+    index, encoder = _open_index(path, model, threads)
+    with encoder:
+        ids = index.add(
+            [r["text"] for r in records],
+            ids=[r["id"] for r in records] if with_ids else None,
+            metadata=[r.get("metadata") for r in records],
+            on_duplicate=on_duplicate,  # type: ignore[arg-type]
+            commit_every=commit_every,
+            show_progress_bar=_progress(),
+        )
+        total = len(index)
+    if as_json:
+        _echo_json({"ids": ids, "documents": total})
+    else:
+        typer.echo(f"added {len(ids)} texts; the index holds {total} documents")
+
+
+def index_delete(
+    path: IndexDir,
+    ids: Annotated[list[str] | None, typer.Argument(help="ids to delete", show_default=False)] = None,
+    ids_from: Annotated[Path | None, typer.Option("--ids-from", help="a file of ids, one per line")] = None,
+    missing_ok: Annotated[
+        bool, typer.Option("--missing-ok", help="ignore ids that are not in the index")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Delete documents by id, in one commit (no model needed)."""
+    from lfm2edge.runtime.index import Index
+
+    wanted = list(ids or [])
+    if ids_from is not None:
+        if not ids_from.is_file():
+            raise InvalidInputError(f"--ids-from {ids_from} does not exist")
+        wanted += [line.strip() for line in ids_from.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not wanted:
+        raise InvalidInputError("no ids given: pass them as arguments or with --ids-from")
+    index = Index.open(path)
+    deleted = index.delete(wanted, missing_ok=missing_ok)
+    if as_json:
+        _echo_json({"deleted": deleted, "documents": len(index)})
+    else:
+        typer.echo(f"deleted {deleted} documents; the index holds {len(index)}")
+
+
+def index_info(
+    path: IndexDir,
+    verify: Annotated[bool, typer.Option("--verify", help="re-hash every file against the manifest")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show what an index holds; with --verify, check every file's checksum (exit 1 on a mismatch)."""
+    from lfm2edge.runtime.index import Index, IndexCorruptError
+
+    index = Index.open(path)
+    info = index.info()
+    problems = index.verify() if verify else None
+    if as_json:
+        _echo_json(info | ({"problems": problems} if verify else {}))
+    else:
+        for key, value in info.items():
+            typer.echo(f"{key:16} {value}")
+        if verify:
+            typer.echo("verify           " + ("ok" if not problems else f"{len(problems)} problem(s)"))
+    if problems:
+        raise IndexCorruptError("the index failed verification:\n- " + "\n- ".join(problems))
+
+
+def index_compact(path: IndexDir, as_json: JsonFlag = False) -> None:
+    """Rewrite the live documents into one segment, reclaiming the space of deleted ones."""
+    from lfm2edge.runtime.index import Index
+
+    index = Index.open(path)
+    index.compact()
+    info = index.info()
+    if as_json:
+        _echo_json(info)
+    else:
+        typer.echo(f"compacted {path}: {info['documents']} documents, {info['bytes']} bytes")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# search, rerank, serve
+# ----------------------------------------------------------------------------------------------------------
+
+
+def search(
+    path: IndexDir,
+    queries: Annotated[
+        list[str] | None, typer.Argument(help="one or more queries", show_default=False)
+    ] = None,
+    queries_from: Annotated[
+        str | None, typer.Option("--queries-from", help="a text or JSONL file of queries; - for stdin")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", "--top-k", help="hits per query")] = 10,
+    model: ModelOption = None,
+    threads: Threads = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Search an index: the k best documents per query, exact MaxSim (ColBERT) or cosine (dense)."""
+    texts = list(queries or [])
+    if queries_from is not None:
+        texts += [r["text"] for r in read_records(queries_from)]
+    if not texts:
+        raise InvalidInputError("no query given: pass one as an argument or use --queries-from")
+    index, encoder = _open_index(path, model, threads)
+    with encoder:
+        results = index.search_many(texts, k=k)
+    if as_json:
+        _echo_json(
+            [
+                {
+                    "query": q,
+                    "hits": [
+                        {"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata} for h in hits
+                    ],
+                }
+                for q, hits in zip(texts, results, strict=True)
+            ]
+        )
+        return
+    for q, hits in zip(texts, results, strict=True):
+        typer.echo(f"{q}")
+        for rank, h in enumerate(hits, 1):
+            snippet = (h.text or "").replace("\n", " ")
+            typer.echo(f"  {rank:3}. {h.score:9.4f}  {h.id}  {snippet[:80]}")
+
+
+def rerank(
+    model: Annotated[Path, typer.Argument(help="a retriever GGUF", show_default=False)],
+    query: Annotated[str, typer.Argument(help="the query", show_default=False)],
+    candidates: Annotated[str, typer.Argument(help="a text or JSONL file of candidates; - for stdin")] = "-",
+    top_n: Annotated[int | None, typer.Option("--top-n", "-n", help="keep only the best n")] = None,
+    input_format: InputFormat = "auto",
+    text_field: TextField = "text",
+    threads: Threads = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Rank candidate texts against a query, with no index (MaxSim or cosine)."""
+    records = read_records(candidates, input_format, text_field)
+    docs = [r["text"] for r in records]
+    with _load(model, threads) as encoder:
+        ranking = encoder.rerank(query, docs, top_k=top_n)
+    results = [
+        {"index": int(i), "relevance_score": float(s), "document": {"text": docs[i]}}
+        | ({"id": records[i]["id"]} if "id" in records[i] else {})
+        for i, s in zip(ranking.indices, ranking.scores, strict=True)
+    ]
+    if as_json:
+        _echo_json({"query": query, "results": results})
+        return
+    for rank, r in enumerate(results, 1):
+        typer.echo(f"{rank:3}. {r['relevance_score']:9.4f}  [{r['index']}]  {r['document']['text'][:80]}")
+
+
+def serve(
+    model: Annotated[Path, typer.Argument(help="a retriever GGUF", show_default=False)],
+    index: Annotated[
+        Path | None, typer.Option("--index", help="an index folder for /search and /documents")
+    ] = None,
+    create_index: Annotated[
+        bool, typer.Option("--create-index", help="create the --index folder if it is missing")
+    ] = False,
+    host: Annotated[
+        str, typer.Option(help="address to bind; anything but loopback exposes your documents")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    max_body_bytes: Annotated[int, typer.Option(help="largest request body accepted")] = 8 << 20,
+    max_inputs: Annotated[int, typer.Option(help="most texts per embedding or /documents request")] = 256,
+    threads: Threads = None,
+) -> None:
+    """Run the local HTTP server a desktop app talks to (OpenAI embeddings, Cohere/Jina rerank, search)."""
+    from lfm2edge.runtime.server import LOOPBACK_HOSTS, ServerLimits
+    from lfm2edge.runtime.server import serve as run_server
+
+    if port < 0 or port > 65535:
+        raise InvalidInputError(f"--port must be 0-65535, not {port}")
+    if host not in LOOPBACK_HOSTS:
+        typer.echo(
+            f"warning: binding {host}: the server has no authentication, so anyone who can reach it can read "
+            "and change the index",
+            err=True,
+        )
+    limits = ServerLimits(max_body_bytes=max_body_bytes, max_inputs=max_inputs)
+    run_server(
+        model, index, host=host, port=port, n_threads=threads, limits=limits, create_index=create_index
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------------------------------------
+
+EXAMPLES = {
+    "encode": "lfm2edge encode model.gguf texts.txt -o vectors.npz\n\n"
+    "  cat queries.jsonl | lfm2edge encode model.gguf - --queries > vectors.jsonl",
+    "index create": "lfm2edge index create docs.idx -m colbert.gguf --dtype int8 --pool-factor 2",
+    "index add": 'lfm2edge index add docs.idx docs.jsonl   # {"id": "faq-1", "text": "...", "metadata": {}}'
+    "\n\n"
+    "  lfm2edge index add docs.idx notes.txt --on-duplicate skip   # resume an interrupted add",
+    "index delete": "lfm2edge index delete docs.idx faq-1 faq-7",
+    "index info": "lfm2edge index info docs.idx --verify --json",
+    "index compact": "lfm2edge index compact docs.idx",
+    "search": 'lfm2edge search docs.idx "how do I reset my password" -k 5 --json',
+    "rerank": 'lfm2edge rerank model.gguf "reset password" candidates.txt --top-n 3',
+    "serve": "lfm2edge serve model.gguf --index docs.idx --port 8123\n\n"
+    "  curl -s localhost:8123/search -H 'content-type: application/json' "
+    '-d \'{"query": "reset password"}\'',
+}
+
+
+def _epilog(name: str) -> str:
+    return "Example:\n\n  " + EXAMPLES[name]
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog=_epilog("encode"))(encode)
+    index_app = typer.Typer(
+        help="Persistent indexes: one model's document vectors in a folder; exact search, crash-safe writes.",
+        no_args_is_help=True,
+    )
+    index_app.command("create", epilog=_epilog("index create"))(index_create)
+    index_app.command("add", epilog=_epilog("index add"))(index_add)
+    index_app.command("delete", epilog=_epilog("index delete"))(index_delete)
+    index_app.command("info", epilog=_epilog("index info"))(index_info)
+    index_app.command("compact", epilog=_epilog("index compact"))(index_compact)
+    app.add_typer(index_app, name="index")
+    app.command(epilog=_epilog("search"))(search)
+    app.command(epilog=_epilog("rerank"))(rerank)
+    app.command(epilog=_epilog("serve"))(serve)
+
+
+def main() -> None:
+    """These commands alone (``python -m lfm2edge.runtime.search_cli``), with lfm2edge's exit codes."""
+    from lfm2edge.cli import exit_code
+    from lfm2edge.runtime.errors import Lfm2EdgeError
+
+    app = typer.Typer(
+        name="lfm2edge", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False
+    )
+    register(app)
+    try:
+        app()
+    except Lfm2EdgeError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(exit_code(e))
+
+
+if __name__ == "__main__":
+    main()
