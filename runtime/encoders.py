@@ -22,15 +22,13 @@ import numpy as np
 
 from lfm2edge.runtime.build import BuildInfo, check_build
 from lfm2edge.runtime.errors import FeatureUnavailableError, InvalidInputError, ModelFileError
-from lfm2edge.runtime.llama import EmbeddingContext, LlamaModel, default_threads
+from lfm2edge.runtime.llama import EmbeddingContext, LlamaModel, default_threads, supports_key_mask
 from lfm2edge.runtime.maxsim import PackedDocuments, maxsim
 from lfm2edge.runtime.model_file import ModelFile, describe
 from lfm2edge.runtime.settings import ModelKind, RetrievalSettings
 
 QueryExpansion = Literal["pylate", "attended", "none"]
 QUERY_EXPANSION_MODES: tuple[str, ...] = ("pylate", "attended", "none")
-# Patch that lets a decode mask tokens as attention keys while they stay in the sequence.
-KEY_MASK_PATCH = "key-mask"
 DEFAULT_BATCH_TOKENS = 1024
 MAX_SEQUENCES_PER_CALL = 64
 
@@ -105,7 +103,11 @@ class Encoder:
         return self._model.tokenize(text, add_bos=True)
 
     def _decode_all(
-        self, sequences: list[np.ndarray], batch_size: int, show_progress_bar: bool
+        self,
+        sequences: list[np.ndarray],
+        batch_size: int,
+        show_progress_bar: bool,
+        keys: list[np.ndarray] | None = None,
     ) -> list[np.ndarray]:
         """Decode every sequence, packing consecutive ones into calls of bounded tokens and count."""
         if batch_size < 1:
@@ -120,7 +122,7 @@ class Encoder:
                 tokens += len(sequences[end])
                 end += 1
             with self._lock:
-                outputs.extend(self._ctx.decode(sequences[start:end]))
+                outputs.extend(self._ctx.decode(sequences[start:end], None if keys is None else keys[start:end]))
             bar(end - start)
             start = end
         bar(0, close=True)
@@ -182,7 +184,7 @@ class ColBERTEncoder(Encoder):
 
     def __init__(self, *args, query_expansion: QueryExpansion | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.key_mask_supported = self.build.has_patch(KEY_MASK_PATCH)
+        self.key_mask_supported = supports_key_mask()
         self.query_expansion: QueryExpansion = self._choose_expansion(query_expansion)
         self._skiplist = self.settings.skiplist_array()
 
@@ -195,7 +197,7 @@ class ColBERTEncoder(Encoder):
         if requested == "pylate" and not self.key_mask_supported:
             raise FeatureUnavailableError(
                 "query_expansion='pylate' (expansion tokens in the conv but masked as attention keys, exactly "
-                "PyLate's queries) needs lfm2edge's key-mask patch, which this llama.cpp build lacks "
+                "PyLate's queries) needs lfm2edge's attention-key-mask patch, which this llama.cpp build lacks "
                 f"({self.build.describe()}). Build the patched binding with `make setup`, or choose "
                 "query_expansion='attended' (pads attended) or 'none' (no padding)."
             )
@@ -207,14 +209,21 @@ class ColBERTEncoder(Encoder):
         # PyLate's 32 query vectors with the pads attended (classic ColBERT query augmentation).
         return "pylate" if self.key_mask_supported else "attended"
 
-    def prepare_query(self, text: str) -> np.ndarray:
-        """Query ids: BOS, [Q], text (truncated), expansion pads per the query_expansion mode."""
+    def prepare_query(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Query ids (BOS, [Q], text truncated, expansion pads per the mode) and which are attention keys.
+
+        In "pylate" mode the pads are in the sequence but not keys; otherwise every token is a key.
+        """
         s = self.settings
         ids = self.tokenize(text.strip())[: s.query_length - 1]
-        ids = np.insert(ids, 1, s.query_prefix_id)
-        if self.query_expansion != "none" and len(ids) < s.query_length:
-            ids = np.concatenate([ids, np.full(s.query_length - len(ids), s.expansion_token_id, dtype=np.int32)])
-        return ids.astype(np.int32)
+        ids = np.insert(ids, 1, s.query_prefix_id).astype(np.int32)
+        n_text = len(ids)
+        if self.query_expansion != "none" and n_text < s.query_length:
+            ids = np.concatenate([ids, np.full(s.query_length - n_text, s.expansion_token_id, dtype=np.int32)])
+        keys = np.ones(len(ids), dtype=bool)
+        if self.query_expansion == "pylate":
+            keys[n_text:] = False
+        return ids, keys
 
     def prepare_document(self, text: str) -> np.ndarray:
         """Document ids: BOS, [D], text truncated so the whole fits document_length."""
@@ -224,11 +233,11 @@ class ColBERTEncoder(Encoder):
 
     def encode_query(self, texts, batch_size: int = 32, show_progress_bar: bool = False):
         """One [tokens, d] float32 array per text (query_length rows when expanded), rows L2-normalised."""
-        if self.query_expansion == "pylate":
-            raise FeatureUnavailableError("pylate query expansion is not wired into this runtime yet")
         items, single = _check_texts(texts)
-        sequences = [self.prepare_query(t) for t in items]
-        vectors = [self._finish(v) for v in self._decode_all(sequences, batch_size, show_progress_bar)]
+        prepared = [self.prepare_query(t) for t in items]
+        sequences = [ids for ids, _ in prepared]
+        keys = [k for _, k in prepared] if self.query_expansion == "pylate" else None
+        vectors = [self._finish(v) for v in self._decode_all(sequences, batch_size, show_progress_bar, keys)]
         return vectors[0] if single else vectors
 
     def encode_document(self, texts, batch_size: int = 32, show_progress_bar: bool = False):

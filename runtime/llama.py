@@ -36,6 +36,27 @@ _backend_lock = threading.Lock()
 _backend_ready = False
 
 
+def _bind_key_mask():
+    """llama_set_attn_key_mask from lfm2edge's llama.cpp patch, or None on a stock build.
+
+    Looked up in libllama itself, so any build carrying the patch works, whatever binding
+    sits on top of it.
+    """
+    fn = getattr(ll.llama_cpp._lib, "llama_set_attn_key_mask", None)
+    if fn is not None:
+        fn.argtypes = [ll.llama_context_p_ctypes, ctypes.POINTER(ctypes.c_int8), ctypes.c_int32]
+        fn.restype = None
+    return fn
+
+
+_set_attn_key_mask = _bind_key_mask()
+
+
+def supports_key_mask() -> bool:
+    """Whether this llama.cpp can mask tokens as attention keys (exact PyLate queries)."""
+    return _set_attn_key_mask is not None
+
+
 @ll.llama_log_callback
 def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     message = text.decode("utf-8", errors="replace").rstrip()
@@ -132,8 +153,12 @@ class EmbeddingContext:
             raise ModelFileError("llama.cpp could not create a context (out of memory for this batch size?)")
         self.pooling = int(ll.llama_pooling_type(self._ctx))
 
-    def decode(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
-        """Per-token rows [len_i, n_embd_out] (pooling NONE) or one pooled row [n_embd_out] per sequence."""
+    def decode(self, sequences: list[np.ndarray], keys: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Per-token rows [len_i, n_embd_out] (pooling NONE) or one pooled row [n_embd_out] per sequence.
+
+        ``keys`` (one bool array per sequence, False = in the sequence but not an attention
+        key) needs the key-mask patch (``supports_key_mask()``).
+        """
         lengths = np.array([len(s) for s in sequences], dtype=np.int64)
         total = int(lengths.sum())
         if not sequences or lengths.min() == 0:
@@ -161,7 +186,16 @@ class EmbeddingContext:
             seq_id=seq_ptrs.ctypes.data_as(ctypes.POINTER(ctypes.POINTER(ll.llama_seq_id))),
             logits=outputs.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
         )
+        key_flags = None
+        if keys is not None:
+            if _set_attn_key_mask is None:
+                raise RuntimeError("this llama.cpp build cannot mask attention keys (no key-mask patch)")
+            key_flags = np.ascontiguousarray(np.concatenate(keys), dtype=np.int8)
+            if len(key_flags) != total:
+                raise InvalidInputError(f"{len(key_flags)} key flags for {total} tokens")
         ll.llama_memory_clear(ll.llama_get_memory(self._ctx), True)
+        if key_flags is not None:
+            _set_attn_key_mask(self._ctx, key_flags.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)), total)
         rc = ll.llama_decode(self._ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")

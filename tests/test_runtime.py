@@ -13,6 +13,8 @@ from lfm2edge.convert.verify import row_cosines
 from lfm2edge.runtime.errors import FeatureUnavailableError, InvalidInputError
 from lfm2edge.runtime.maxsim import PackedDocuments, maxsim
 
+from .patch_support import require_patch
+
 EXTRA_TEXTS = [
     "   leading and trailing whitespace   ",
     "runs   of    spaces\tand\ttabs",
@@ -135,10 +137,15 @@ def test_skiplist_tokens_are_dropped_from_documents(colbert_encoder):
 
 def test_query_layout(colbert_encoder):
     s = colbert_encoder.settings
-    ids = colbert_encoder.prepare_query("short query")
+    ids, keys = colbert_encoder.prepare_query("short query")
     assert ids[0] == colbert_encoder.tokenize("x")[0]  # BOS
     assert ids[1] == s.query_prefix_id
     assert len(ids) == s.query_length and ids[-1] == s.expansion_token_id
+    n_text = len(colbert_encoder.tokenize("short query")) + 1
+    if colbert_encoder.query_expansion == "pylate":
+        assert keys[:n_text].all() and not keys[n_text:].any()
+    else:
+        assert keys.all()
 
 
 # --- batch invariance and threads -------------------------------------------------------
@@ -205,10 +212,29 @@ def test_bad_options(colbert_gguf, embedding_gguf, colbert_encoder):
         colbert_encoder.rerank("q", ["a"], top_k=0)
 
 
-def test_pylate_mode_needs_the_patch(colbert_gguf, colbert_encoder):
+def test_pylate_queries_match_the_reference(colbert_gguf, colbert_reference, sample):
+    """The attention-key-mask patch: expansion pads in the conv, masked as keys, exactly as PyLate."""
+    with lfm2edge.load(colbert_gguf, n_threads=2) as enc:
+        require_patch(enc.key_mask_supported, "attention-key-mask")
+        assert enc.query_expansion == "pylate"  # the default where the build supports it
+        texts = all_texts(sample)
+        ours = enc.encode_query(texts)
+        theirs = colbert_reference.encode_query(texts, expansion="pylate")
+        attended = colbert_reference.encode_query(texts[:5], expansion="attended")
+        for text, a, b in zip(texts, ours, theirs, strict=True):
+            assert a.shape == b.shape == (enc.settings.query_length, enc.dim), text
+            assert row_cosines(a, b).min() >= 0.9999, text
+        # and it is not the attended computation
+        assert min(row_cosines(a, b).min() for a, b in zip(ours[:5], attended, strict=True)) < 0.999
+        # batch-invariant with the mask too
+        again = enc.encode_query(texts[::-1], batch_size=7)[::-1]
+        assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(ours, again, strict=True))
+
+
+def test_stock_build_falls_back_from_pylate(colbert_gguf, colbert_encoder):
     if colbert_encoder.key_mask_supported:
-        pytest.skip("this build carries the key-mask patch")
-    with pytest.raises(FeatureUnavailableError, match="key-mask patch"):
+        pytest.skip("this build carries the attention-key-mask patch")
+    with pytest.raises(FeatureUnavailableError, match="attention-key-mask patch"):
         lfm2edge.load(colbert_gguf, query_expansion="pylate")
     assert colbert_encoder.query_expansion == "attended"
 

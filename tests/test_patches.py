@@ -1,0 +1,71 @@
+"""The binding patches, seen from a user of llama-cpp-python (lfm2edge's runtime does not use Llama)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+
+from lfm2edge.convert.verify import row_cosines
+
+from .patch_support import require_patch
+
+TEXTS = ["the first input has a few tokens", "second", "a third input, somewhat longer than the second one"]
+
+
+def _llama_embed_rows(gguf, texts, **kwargs):
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(gguf), embedding=True, flash_attn=False, verbose=False, **kwargs)
+    try:
+        return [np.asarray(rows, dtype=np.float32) for rows in llm.embed(texts)]
+    finally:
+        llm.close()
+
+
+def _embed_is_patched() -> bool:
+    import inspect
+
+    import llama_cpp
+
+    return "n_embd_out" in inspect.getsource(llama_cpp.Llama.embed)
+
+
+def test_llama_embed_returns_correct_colbert_rows(colbert_gguf, colbert_encoder):
+    require_patch(_embed_is_patched(), "embed-per-token-rows")
+    got = _llama_embed_rows(colbert_gguf, TEXTS)
+    assert len(got) == len(TEXTS)
+    for text, rows in zip(TEXTS, got, strict=True):
+        ids = colbert_encoder.tokenize(text)
+        (expected,) = colbert_encoder._ctx.decode([ids])  # raw per-token rows, same tokens
+        assert rows.shape == expected.shape == (len(ids), colbert_encoder.dim)
+        assert row_cosines(rows, expected).min() >= 0.9999
+
+
+def test_llama_embed_raises_instead_of_aborting_past_n_ubatch(colbert_gguf):
+    require_patch(_embed_is_patched(), "embed-per-token-rows")
+    # In a child process: the unpatched binding aborts the whole process here.
+    code = f"""
+import llama_cpp
+llm = llama_cpp.Llama(model_path={str(colbert_gguf)!r}, embedding=True, n_batch=64, n_ubatch=16, verbose=False)
+rows = llm.embed(["word " * 40, "two words"])
+print(len(rows[0]), len(rows[1]))
+try:
+    llm.embed("word " * 40, truncate=False)
+except ValueError as e:
+    print("ValueError", e)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    first, second = map(int, lines[0].split())
+    assert first == 16 and second > 0  # truncated to n_ubatch; the second input in a decode of its own
+    assert lines[1].startswith("ValueError")
+
+
+def test_binding_exposes_the_key_mask():
+    import llama_cpp
+
+    require_patch(hasattr(llama_cpp, "llama_set_attn_key_mask"), "bind-attn-key-mask")
+    assert llama_cpp.llama_set_attn_key_mask.argtypes[-1].__name__ == "c_int"
