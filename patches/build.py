@@ -19,6 +19,8 @@ Uses only the standard library: it runs before the project's own dependencies ex
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -206,6 +208,15 @@ def build_wheel(python: str, key: str, cmake_args: list[str], series: list[tuple
     return final
 
 
+@contextlib.contextmanager
+def build_lock():
+    """One build at a time per cache: builds share the unpacked source folder (for ccache)."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / ".build.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def cached_wheel(key: str) -> Path | None:
     house = cache_dir() / "wheelhouse" / key
     wheels = sorted(house.glob("*.whl")) if house.is_dir() else []
@@ -239,11 +250,12 @@ def main() -> int:
         log(f"llama-cpp-python {VERSION} [{key}] already installed")
         return 0
     try:
-        wheel = cached_wheel(key)
-        if wheel is None:
-            wheel = build_wheel(args.python, key, cmake_args, series)
-        else:
-            log(f"reusing cached wheel {wheel}")
+        with build_lock():
+            wheel = cached_wheel(key)
+            if wheel is None:
+                wheel = build_wheel(args.python, key, cmake_args, series)
+            else:
+                log(f"reusing cached wheel {wheel}")
         run([args.python, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--no-cache-dir", str(wheel)],
             "installing the llama-cpp-python wheel")
         # The binding's own light dependencies (numpy, jinja2, diskcache, typing-extensions).

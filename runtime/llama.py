@@ -152,6 +152,9 @@ class EmbeddingContext:
         if not self._ctx:
             raise ModelFileError("llama.cpp could not create a context (out of memory for this batch size?)")
         self.pooling = int(ll.llama_pooling_type(self._ctx))
+        # With lfm2edge's no-memory patch a bidirectional LFM2 context has no KV cache or conv
+        # states: one decode computes all its sequences in one micro-batch.
+        self.has_memory = bool(ll.llama_get_memory(self._ctx))
 
     def decode(self, sequences: list[np.ndarray], keys: list[np.ndarray] | None = None) -> list[np.ndarray]:
         """Per-token rows [len_i, n_embd_out] (pooling NONE) or one pooled row [n_embd_out] per sequence.
@@ -193,7 +196,8 @@ class EmbeddingContext:
             key_flags = np.ascontiguousarray(np.concatenate(keys), dtype=np.int8)
             if len(key_flags) != total:
                 raise InvalidInputError(f"{len(key_flags)} key flags for {total} tokens")
-        ll.llama_memory_clear(ll.llama_get_memory(self._ctx), True)
+        if self.has_memory:
+            ll.llama_memory_clear(ll.llama_get_memory(self._ctx), True)
         if key_flags is not None:
             _set_attn_key_mask(self._ctx, key_flags.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)), total)
         rc = ll.llama_decode(self._ctx, batch)

@@ -69,3 +69,21 @@ def test_binding_exposes_the_key_mask():
 
     require_patch(hasattr(llama_cpp, "llama_set_attn_key_mask"), "bind-attn-key-mask")
     assert llama_cpp.llama_set_attn_key_mask.argtypes[-1].__name__ == "c_int"
+
+
+def test_batched_encoding_without_memory_equals_one_at_a_time(colbert_encoder, embedding_encoder, sample):
+    """The lfm2-embeddings-without-memory patch: many sequences in one micro-batch, same vectors."""
+    require_patch(not colbert_encoder._ctx.has_memory, "lfm2-embeddings-without-memory")
+    queries, documents = sample
+    docs = documents[:20] + ["short", "?!", "x " * 300]  # mixed lengths in one decode
+    alone = [colbert_encoder.encode_document(d) for d in docs]
+    batched = colbert_encoder.encode_document(docs, batch_size=64)
+    for a, b in zip(alone, batched, strict=True):
+        assert a.shape == b.shape and row_cosines(a, b).min() >= 0.99999
+    q_alone = [colbert_encoder.encode_query(q) for q in queries[:32]]
+    q_batched = colbert_encoder.encode_query(queries[:32], batch_size=32)
+    for a, b in zip(q_alone, q_batched, strict=True):
+        assert row_cosines(a, b).min() >= 0.99999
+    assert not embedding_encoder._ctx.has_memory
+    d_alone = np.stack([embedding_encoder.encode_document(d) for d in docs])
+    assert row_cosines(d_alone, embedding_encoder.encode_document(docs, batch_size=64)).min() >= 0.99999
