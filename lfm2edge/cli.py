@@ -42,6 +42,7 @@ def exit_code(error: Lfm2EdgeError) -> int:
 def build_app():
     import typer
 
+    from lfm2edge.bench import cli as bench_cli
     from lfm2edge.convert import cli as convert_cli
     from lfm2edge.runtime import cli as runtime_cli
     from lfm2edge.runtime import search_cli
@@ -56,6 +57,7 @@ def build_app():
     convert_cli.register(app)
     runtime_cli.register(app)
     search_cli.register(app)
+    bench_cli.register(app)
     return app
 
 

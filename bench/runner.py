@@ -1,0 +1,306 @@
+"""A whole bench run: prepare the models, measure each side in its own process, compare the sides.
+
+Sides run one after another, never concurrently. Per model: the llama.cpp formats first
+(their ColBERT query-expansion mode is then mirrored by PyTorch), then PyTorch fp32 (the
+fidelity reference) and bf16. Afterwards every figure gets its ratio to PyTorch and every
+side but fp32 its fidelity.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from lfm2edge.bench import artifacts, fidelity
+from lfm2edge.bench.machine import describe_machine, load_average, system_busy_seconds
+from lfm2edge.bench.regimes import Plan, SideSpec, figure_plan
+from lfm2edge.bench.results import (
+    DOCUMENT_BATCH,
+    ENGINE_LLAMA,
+    ENGINE_TORCH,
+    SCHEMA,
+    BenchResult,
+    Figure,
+    ModelResult,
+    SideError,
+    SideOutput,
+    SideResult,
+)
+from lfm2edge.bench.worker import child_main
+
+TORCH_DTYPES = ("fp32", "bf16")
+BUSY_LOAD = 0.5  # a 1-minute load average above this at the start means someone else is using the CPU
+BUSY_SHARE = 0.05  # other processes using more than this share of the machine during a side
+
+
+class Reporter(Protocol):
+    def status(self, text: str) -> None: ...
+
+    def begin(self, total: int) -> None: ...
+
+    def step(self, text: str) -> None: ...
+
+    def advance(self, n: int = 1) -> None: ...
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str | None  # None: synthetic ColBERT and Embedding of the real shape
+    formats: tuple[str, ...] | None  # None: artifacts.DEFAULT_FORMATS per kind
+    reference: str | None  # checkpoint for the PyTorch side when ``model`` is a GGUF
+    threads: int
+    plan: Plan
+    exact: bool = True
+    vs_torch: bool = True
+    quick: bool = False
+    cache_dir: Path = artifacts.default_cache_dir()
+    command: str = "lfm2edge bench"
+
+
+def torch_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+
+
+def prepare_models(config: BenchConfig, reporter: Reporter) -> list[artifacts.ModelSpec]:
+    from lfm2edge.convert.synthetic import FULL, TINY
+
+    if config.model is None:
+        shape = TINY if config.quick else FULL
+        return artifacts.synthetic_models(shape, config.plan.seed, config.formats, config.cache_dir,
+                                          config.threads, reporter.status)
+    return [artifacts.from_argument(config.model, config.formats, config.reference, config.cache_dir,
+                                    config.threads, reporter.status)]
+
+
+def side_specs(model: artifacts.ModelSpec, config: BenchConfig) -> list[SideSpec]:
+    specs = [
+        SideSpec(model.name, model.kind, ENGINE_LLAMA, fmt, str(path), config.threads, config.plan, config.exact)
+        for fmt, path in model.ggufs
+    ]
+    if config.vs_torch and model.checkpoint is not None:
+        specs += [
+            SideSpec(model.name, model.kind, ENGINE_TORCH, dt, str(model.checkpoint), config.threads, config.plan)
+            for dt in TORCH_DTYPES
+        ]
+    return specs
+
+
+def run_side(spec: SideSpec, reporter: Reporter) -> SideOutput | SideError:
+    """Measure one side in a fresh process; its progress messages drive the reporter.
+
+    Also measures how much of the machine other processes used meanwhile: system CPU time
+    (from the kernel) minus the side's and this process's own, over wall time x cores.
+    """
+    steps = 1 + len(figure_plan(spec))
+    done = 0
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=child_main, args=(spec, q), daemon=True)
+    busy0, own0, t0 = system_busy_seconds(), _own_cpu(), time.perf_counter()
+    proc.start()
+    output: SideOutput | None = None
+    error: str | None = None
+    child_cpu = 0.0
+    seen = 0
+    while output is None and error is None:
+        try:
+            kind, payload, *rest = q.get(timeout=0.5)
+        except queue_mod.Empty:
+            if proc.is_alive():
+                continue
+            try:
+                kind, payload, *rest = q.get(timeout=2.0)
+            except queue_mod.Empty:
+                error = f"the side's process died (exit code {proc.exitcode})"
+                break
+        if kind == "progress":
+            if seen:
+                reporter.advance()
+                done += 1
+            seen += 1
+            reporter.step(f"{spec.model} {spec.engine} {spec.format}: {payload}")
+        elif kind == "result":
+            output, child_cpu = payload, float(rest[0])
+        else:
+            error = str(payload)
+    wall = time.perf_counter() - t0
+    busy1, own1 = system_busy_seconds(), _own_cpu()
+    proc.join(timeout=30)
+    if proc.is_alive():
+        proc.kill()
+    reporter.advance(steps - done)
+    if output is None:
+        return SideError(spec.model, spec.engine, spec.format, error or "unknown error")
+    other = None
+    if busy0 is not None and busy1 is not None and wall > 0:
+        foreign = (busy1 - busy0) - child_cpu - (own1 - own0)
+        other = min(1.0, max(0.0, foreign / (wall * (os.cpu_count() or 1))))
+    result = replace(output.result, cpu_s=child_cpu, wall_s=wall, other_cpu_share=other)
+    return replace(output, result=result)
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _ratio(fig: Figure, torch_side: SideResult | None) -> float | None:
+    """Speed-up against one PyTorch side: its p50 / this p50; documents: this rate / its best rate."""
+    if torch_side is None:
+        return None
+    if fig.regime == DOCUMENT_BATCH:
+        best = torch_side.best_document_figure()
+        if best is None or not best.items_per_s or not fig.items_per_s:
+            return None
+        return fig.items_per_s / best.items_per_s
+    match = next((f for f in torch_side.figures if f.key == fig.key), None)
+    if match is None or fig.summary.p50_ms <= 0:
+        return None
+    return match.summary.p50_ms / fig.summary.p50_ms
+
+
+def with_ratios(sides: list[SideResult]) -> list[SideResult]:
+    torch_sides = {s.format: s for s in sides if s.engine == ENGINE_TORCH}
+    return [
+        replace(s, figures=tuple(
+            replace(f, vs_torch={dt: _ratio(f, torch_sides.get(dt)) for dt in TORCH_DTYPES}) for f in s.figures
+        ))
+        for s in sides
+    ]
+
+
+def with_fidelity(outputs: list[SideOutput], notes: list[str]) -> list[SideResult]:
+    ref = next((o for o in outputs if o.result.engine == ENGINE_TORCH and o.result.format == "fp32"), None)
+    results = []
+    for o in outputs:
+        r = o.result
+        if ref is not None and o is not ref:
+            try:
+                fid = fidelity.compare(o.query_vectors, o.document_vectors, ref.query_vectors,
+                                       ref.document_vectors, r.kind == "late_interaction")
+                r = replace(r, fidelity=fid)
+            except ValueError as e:
+                notes.append(f"{r.model} {r.label}: no fidelity ({e})")
+        results.append(r)
+    return results
+
+
+def run_model(model: artifacts.ModelSpec, config: BenchConfig, reporter: Reporter,
+              notes: list[str]) -> ModelResult:
+    outputs: list[SideOutput] = []
+    errors: list[SideError] = []
+    expansion: str | None = None
+    for spec in side_specs(model, config):
+        if spec.engine == ENGINE_TORCH:
+            spec = replace(spec, query_expansion=expansion)
+        out = run_side(spec, reporter)
+        if isinstance(out, SideError):
+            errors.append(out)
+            reporter.status(f"[red]{spec.model} {spec.engine} {spec.format} failed:[/red] {out.error.splitlines()[0]}")
+            continue
+        outputs.append(out)
+        if spec.engine == ENGINE_LLAMA and expansion is None:
+            expansion = out.result.query_expansion
+    sides = with_ratios(with_fidelity(outputs, notes))
+    digests = {s.texts_digest for s in sides}
+    if len(digests) > 1:
+        notes.append(f"{model.name}: the sides built different input texts (tokenizers disagree); "
+                     "fidelity compares only where shapes match")
+    return ModelResult(
+        name=model.name,
+        kind=model.kind,
+        source=model.source,
+        random_weights=model.random_weights,
+        reference=str(model.checkpoint) if model.checkpoint and config.vs_torch else None,
+        inputs_identical=len(digests) <= 1,
+        sides=tuple(sides),
+        errors=tuple(errors),
+        conversions=dict(model.conversions),
+    )
+
+
+def standing_notes(config: BenchConfig, models: list[artifacts.ModelSpec], machine: dict,
+                   results: list[ModelResult]) -> list[str]:
+    """What every reader of the numbers must know: random weights, inputs, modes, a busy machine."""
+    p = config.plan
+    notes = []
+    if any(m.random_weights for m in models):
+        notes.append("Weights are RANDOM (synthetic checkpoints of the real shape): latency, throughput and memory "
+                     "are real; fidelity shows numerical agreement on random weights, not retrieval quality.")
+    notes.append(f"Inputs: {p.query_tokens}-token queries and {p.document_tokens}-token documents (BOS and marker "
+                 "or prompt included), real-looking English, counts checked through each side's tokenizer.")
+    if any(m.kind == "late_interaction" for m in models):
+        notes.append(f"Cached documents are random unit vectors [{p.document_tokens}, dim] in float16 "
+                     "(MaxSim's cost depends on their shape only); MaxSim is lfm2edge's numpy kernel on every side.")
+    notes.append("llama.cpp runs exact (flash attention off, F32 KV cache)" if config.exact else
+                 "llama.cpp runs with flash attention on (about 1e-3 error per token)")
+    if config.vs_torch:
+        notes.append("PyTorch: lfm2edge's reference, one unpadded sequence per call, torch.set_num_threads = "
+                     f"{config.threads}. Ratios are speed-ups: PyTorch p50 / this p50 (documents: this docs/s / "
+                     "PyTorch's best docs/s); above 1 is faster than PyTorch.")
+    busy = [(m.name, s.label, s.other_cpu_share) for m in results for s in m.sides
+            if s.other_cpu_share is not None and s.other_cpu_share > BUSY_SHARE]
+    if busy:
+        worst = max(busy, key=lambda x: x[2])
+        notes.append(f"Other processes used the CPU during {len(busy)} side(s) (up to {worst[2]:.0%} of the "
+                     f"machine during {worst[0]} {worst[1]}): those timings are inflated; rerun on a quiet machine.")
+    measured = any(s.other_cpu_share is not None for m in results for s in m.sides)
+    load = machine.get("load_average_start")
+    if not measured and load and load[0] > BUSY_LOAD:  # the load average only where nothing better exists
+        notes.append(f"The machine was busy when the run started (1-minute load average {load[0]} on "
+                     f"{machine.get('available_cores')} cores): timings may be inflated.")
+    return notes
+
+
+def run_bench(config: BenchConfig, reporter: Reporter) -> BenchResult:
+    t0 = time.perf_counter()
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    machine = describe_machine(config.threads)
+    if config.vs_torch and not torch_available():
+        reporter.status("PyTorch (torch, transformers) is not installed: no PyTorch side, no ratios, no fidelity")
+        config = replace(config, vs_torch=False)
+    models = prepare_models(config, reporter)
+    if config.vs_torch and not any(m.checkpoint for m in models):
+        reporter.status("a GGUF without --reference: no PyTorch side, no ratios, no fidelity")
+    reporter.begin(sum(1 + len(figure_plan(s)) for m in models for s in side_specs(m, config)))
+    run_notes: list[str] = []
+    results = [run_model(m, config, reporter, run_notes) for m in models]
+    machine["load_average_end"] = load_average()
+    notes = standing_notes(config, models, machine, results) + run_notes
+    p = config.plan
+    settings = {
+        "model": config.model,
+        "formats": {m.name: [f for f, _ in m.ggufs] for m in models},
+        "threads": config.threads,
+        "exact": config.exact,
+        "vs_torch": config.vs_torch,
+        "quick": config.quick,
+        "query_tokens": p.query_tokens,
+        "document_tokens": p.document_tokens,
+        "queries": p.n_queries,
+        "documents": p.n_documents,
+        "cached_docs": list(p.cached_docs),
+        "k": p.k,
+        "batch_sizes": list(p.batch_sizes),
+        "seed": p.seed,
+        "runs": {"budget_s": p.policy.budget_s, "min_runs": p.policy.min_runs, "max_runs": p.policy.max_runs,
+                 "cap_s": p.policy.cap_s, "document_min_runs": p.throughput_policy.min_runs},
+        "cache_dir": str(config.cache_dir),
+    }
+    return BenchResult(
+        schema=SCHEMA,
+        created=created,
+        command=config.command,
+        wall_s=time.perf_counter() - t0,
+        settings=settings,
+        machine=machine,
+        models=tuple(results),
+        notes=tuple(notes),
+    )

@@ -1,0 +1,31 @@
+"""The entry point of each side's own process (multiprocessing, spawn).
+
+A side runs alone in a fresh interpreter: its peak RSS is its own, the llama.cpp side never
+imports torch, no thread pool of another engine spins next to it, and a crash in native code
+costs one side, not the run. Thread-pool sizes are fixed before numpy or torch load.
+Messages to the parent: ("progress", text), then ("result", SideOutput, cpu seconds) or
+("error", text).
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+              "NUMEXPR_NUM_THREADS")
+
+
+def child_main(spec, queue) -> None:
+    for name in THREAD_ENV:
+        os.environ[name] = str(spec.threads)
+    try:
+        if spec.engine == "torch":
+            from lfm2edge.bench.torch_side import run
+        else:
+            from lfm2edge.bench.llama_side import run
+        output = run(spec, lambda text: queue.put(("progress", text)))
+        t = os.times()
+        queue.put(("result", output, t.user + t.system))
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as text
+        queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}", 0.0))

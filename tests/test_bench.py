@@ -1,0 +1,182 @@
+"""lfm2edge bench: one --quick run on tiny random models (JSON + PNG), checked for shape, never for speed."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lfm2edge.bench.fidelity import compare, spearman
+from lfm2edge.bench.inputs import fit_text, make_documents, make_queries
+from lfm2edge.bench.stats import RunPolicy, Summary, measure
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+TOP_KEYS = {"schema", "created", "command", "wall_s", "settings", "machine", "models", "notes"}
+MACHINE_KEYS = {"cpu_model", "isa_flags", "logical_cores", "available_cores", "threads", "llama_cpp"}
+LLAMA_KEYS = {"binding_version", "commit", "patches", "patched", "system_info"}
+MODEL_KEYS = {"name", "kind", "source", "random_weights", "reference", "inputs_identical", "sides", "errors"}
+SIDE_KEYS = {"model", "kind", "engine", "format", "label", "path", "file_size_bytes", "threads", "load_s",
+             "first_call_ms", "memory", "figures", "texts_digest", "query_tokens", "document_tokens",
+             "query_expansion", "exact", "fidelity"}
+FIGURE_KEYS = {"regime", "label", "summary", "samples_ms", "docs", "k", "batch_size", "items_per_run",
+               "tokens_per_run", "items_per_s", "tokens_per_s", "best", "vs_torch"}
+SUMMARY_KEYS = {"n", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "std_ms"}
+FIDELITY_KEYS = {"reference", "vectors", "cosine_min", "cosine_mean", "queries", "documents",
+                 "rank_spearman_mean", "rank_top1_agreement", "rank_identical_order", "score_max_abs_diff"}
+MEMORY_KEYS = {"rss_before_load", "rss_after_load", "peak_encode", "peak_total"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
+    typer = pytest.importorskip("typer")
+    pytest.importorskip("matplotlib")
+    from typer.testing import CliRunner
+
+    from lfm2edge.bench.cli import register
+
+    app = typer.Typer()
+    register(app)
+
+    @app.callback()
+    def _root() -> None:  # keeps "bench" a subcommand, as in the lfm2edge app
+        pass
+
+    out = tmp_path_factory.mktemp("bench")
+    json_path, png_path = out / "bench.json", out / "bench.png"
+    result = CliRunner().invoke(app, [
+        "bench", "--quick", "--threads", "1", "--cache-dir", str(out / "cache"),
+        "--json", str(json_path), "--plot", str(png_path),
+    ])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return json.loads(json_path.read_text()), png_path, result.output
+
+
+def _figures(data: dict):
+    for model in data["models"]:
+        for side in model["sides"]:
+            for fig in side["figures"]:
+                yield model, side, fig
+
+
+def test_json_schema(quick_run):
+    data, _, _ = quick_run
+    assert TOP_KEYS <= data.keys()
+    assert data["schema"] == "lfm2edge.bench/1"
+    assert MACHINE_KEYS <= data["machine"].keys()
+    assert LLAMA_KEYS <= data["machine"]["llama_cpp"].keys()
+    assert isinstance(data["machine"]["llama_cpp"]["patches"], list)
+    assert data["machine"]["threads"] == 1
+    assert {m["name"] for m in data["models"]} == {"ColBERT", "Embedding"}
+    for model in data["models"]:
+        assert MODEL_KEYS <= model.keys()
+        assert model["random_weights"] is True
+        assert model["inputs_identical"] is True
+        assert not model["errors"]
+        labels = {s["label"] for s in model["sides"]}
+        assert {"torch fp32", "torch bf16"} <= labels
+        assert any(s["engine"] == "llama.cpp" for s in model["sides"])
+        for side in model["sides"]:
+            assert SIDE_KEYS <= side.keys()
+            assert MEMORY_KEYS <= side["memory"].keys()
+            assert side["memory"]["peak_encode"] >= side["memory"]["rss_after_load"] > 0
+            assert side["file_size_bytes"] > 0 and side["load_s"] > 0
+            assert side["query_tokens"] == 32 and side["document_tokens"] == 256
+            regimes = {f["regime"] for f in side["figures"]}
+            expected = {"query", "document_batch"}
+            if model["kind"] == "late_interaction":
+                expected |= {"maxsim", "query_maxsim_cached", "rerank_uncached"}
+            assert regimes == expected
+            assert sum(f["best"] for f in side["figures"] if f["regime"] == "document_batch") == 1
+            if side["label"] == "torch fp32":
+                assert side["fidelity"] is None  # the reference itself
+            else:
+                fid = side["fidelity"]
+                assert FIDELITY_KEYS <= fid.keys()
+                assert -1.0 <= fid["cosine_min"] <= fid["cosine_mean"] <= 1.0 + 1e-9
+                assert 0.0 <= fid["rank_top1_agreement"] <= 1.0
+
+
+def test_percentiles_are_ordered(quick_run):
+    data, _, _ = quick_run
+    for _, _, fig in _figures(data):
+        assert FIGURE_KEYS <= fig.keys()
+        s = fig["summary"]
+        assert SUMMARY_KEYS <= s.keys()
+        assert s["n"] == len(fig["samples_ms"]) >= 2
+        assert 0 < s["min_ms"] <= s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"] <= s["max_ms"]
+        assert s["min_ms"] <= s["mean_ms"] <= s["max_ms"]
+
+
+def test_every_row_has_positive_ratios_to_pytorch(quick_run):
+    data, _, _ = quick_run
+    for _, side, fig in _figures(data):
+        assert set(fig["vs_torch"]) == {"fp32", "bf16"}
+        for dtype, ratio in fig["vs_torch"].items():
+            assert ratio is not None and ratio > 0, (side["label"], fig["label"], dtype)
+        if side["label"] == "torch fp32":
+            assert fig["vs_torch"]["fp32"] == pytest.approx(1.0)
+        if fig["regime"] == "document_batch":
+            assert fig["items_per_s"] > 0 and fig["tokens_per_s"] > 0
+
+
+def test_plot_is_a_png(quick_run):
+    _, png, _ = quick_run
+    assert png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_terminal_output_says_weights_are_random(quick_run):
+    _, _, output = quick_run
+    assert "RANDOM" in output
+    assert "vs fp32" in output
+
+
+# --- the pieces, without a model -------------------------------------------------------------------
+
+
+def test_summary_percentiles():
+    s = Summary.of(np.array([0.003, 0.001, 0.002, 0.010]))
+    assert s.n == 4 and s.min_ms == pytest.approx(1.0) and s.max_ms == pytest.approx(10.0)
+    assert s.p50_ms <= s.p95_ms <= s.p99_ms <= s.max_ms
+    with pytest.raises(ValueError):
+        Summary.of(np.array([]))
+
+
+def test_measure_respects_min_runs_and_cap():
+    calls = []
+    samples = measure(calls.append, RunPolicy(budget_s=0.0, min_runs=7, max_runs=100, warmup_s=0.0))
+    assert len(samples) == 7 and len(calls) == 8  # one warm-up call, not recorded
+    samples = measure(lambda i: None, RunPolicy(budget_s=10.0, min_runs=5, max_runs=12, warmup_s=0.0))
+    assert len(samples) == 12
+
+
+def _word_counter(text: str) -> int:
+    """A stand-in tokenizer: BOS + one token per word and per comma or full stop."""
+    return 1 + len(re.findall(r"[^\W_]+|[,.]", text))
+
+
+def test_texts_have_exact_token_counts():
+    for target in (5, 32, 256):
+        text = fit_text("alpha beta gamma delta, epsilon.".split() * 200, _word_counter, target)
+        assert _word_counter(text) == target
+    queries = make_queries(_word_counter, 32, 3, seed=0)
+    docs = make_documents(_word_counter, 256, 3, seed=0)
+    assert [_word_counter(q) for q in queries] == [32] * 3
+    assert [_word_counter(d) for d in docs] == [256] * 3
+    assert make_documents(_word_counter, 256, 3, seed=0) == docs  # deterministic
+    assert len(set(docs)) == 3
+
+
+def test_fidelity_of_identical_vectors():
+    rng = np.random.default_rng(0)
+    q = [rng.standard_normal((4, 8)) for _ in range(3)]
+    d = [rng.standard_normal((6, 8)) for _ in range(5)]
+    fid = compare(q, d, q, d, colbert=True)
+    assert fid.cosine_min == pytest.approx(1.0) and fid.rank_identical_order == 1.0
+    assert spearman(np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
+    with pytest.raises(ValueError):
+        compare(q, d, q, [x[:-1] for x in d], colbert=True)
