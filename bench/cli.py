@@ -92,6 +92,10 @@ def bench(
         "--cache-dir", help="where generated checkpoints and conversions are kept "
                             "(default ~/.cache/lfm2edge/bench)", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="seed of the random weights and inputs")] = 0,
+    stock_python: Annotated[str | None, typer.Option(
+        "--stock-python", help="Python of a venv with the stock llama-cpp-python build (LFM2EDGE_PATCHES=0) "
+                               "and lfm2edge installed: its llama.cpp sides run too, so the patches' gain shows",
+        show_default=False)] = None,
 ) -> None:
     """Benchmark the retrievers: p50/p95/p99 per regime, throughput, load time, memory and fidelity,
     with the PyTorch reference (fp32, bf16) measured side by side in the same run.
@@ -123,6 +127,7 @@ def bench(
         exact=exact,
         vs_torch=vs_torch,
         quick=quick,
+        stock_python=stock_python,
         cache_dir=(cache_dir or default_cache_dir()).expanduser(),
         command=" ".join(["lfm2edge", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "lfm2edge bench",
     )

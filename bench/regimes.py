@@ -71,6 +71,7 @@ class SideSpec:
     plan: Plan
     exact: bool = True  # llama.cpp only
     query_expansion: str | None = None  # torch: mirror the llama.cpp side's mode
+    python: str | None = None  # another interpreter (e.g. a stock llama.cpp build); None: this one
 
     @property
     def colbert(self) -> bool:

@@ -12,6 +12,7 @@ import importlib.util
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import sys
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -62,6 +63,7 @@ class BenchConfig:
     quick: bool = False
     cache_dir: Path = artifacts.default_cache_dir()
     command: str = "lfm2edge bench"
+    stock_python: str | None = None  # interpreter with the stock build: its llama.cpp sides run too
 
 
 def torch_available() -> bool:
@@ -84,6 +86,11 @@ def side_specs(model: artifacts.ModelSpec, config: BenchConfig) -> list[SideSpec
         SideSpec(model.name, model.kind, ENGINE_LLAMA, fmt, str(path), config.threads, config.plan, config.exact)
         for fmt, path in model.ggufs
     ]
+    if config.stock_python:  # the same files through the stock build, so the patches' gain shows
+        specs += [
+            replace(s, format=f"{s.format} stock", python=config.stock_python)
+            for s in specs
+        ]
     if config.vs_torch and model.checkpoint is not None:
         specs += [
             SideSpec(model.name, model.kind, ENGINE_TORCH, dt, str(model.checkpoint), config.threads, config.plan)
@@ -104,7 +111,12 @@ def run_side(spec: SideSpec, reporter: Reporter) -> SideOutput | SideError:
     q = ctx.Queue()
     proc = ctx.Process(target=child_main, args=(spec, q), daemon=True)
     busy0, own0, t0 = system_busy_seconds(), _own_cpu(), time.perf_counter()
-    proc.start()
+    if spec.python:
+        ctx.set_executable(spec.python)  # spawn's interpreter is process-wide: restore it right after
+    try:
+        proc.start()
+    finally:
+        ctx.set_executable(sys.executable)
     output: SideOutput | None = None
     error: str | None = None
     child_cpu = 0.0

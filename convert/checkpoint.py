@@ -77,19 +77,29 @@ class BackboneConfig:
         return [self.num_key_value_heads if self.is_attention(i) else 0 for i in range(self.num_hidden_layers)]
 
 
+def auto_adjusted_ff_dim(
+    block_ff_dim: int, multiple_of: int, multiplier: float | None = 1.0, auto_adjust: bool = True
+) -> int:
+    """LFM2's MLP width: ``int(2 ff / 3)``, ``int(multiplier * ff)``, rounded up to ``multiple_of``."""
+    if not auto_adjust:
+        return block_ff_dim
+    ff = int(2 * block_ff_dim / 3)
+    if multiplier is not None:
+        ff = int(multiplier * ff)
+    return multiple_of * math.ceil(ff / multiple_of)
+
+
 def effective_ff_dim(raw: dict) -> int:
-    """The MLP width after LFM2's auto-adjust rule (6656 -> 4608 for the 350M models)."""
+    """The MLP width of a raw config.json (6656 -> 4608 for the 350M models)."""
     ff = int(raw.get("block_ff_dim", raw.get("intermediate_size", 0)))
     if ff <= 0:
         raise CheckpointError("config.json has neither block_ff_dim nor intermediate_size")
-    if raw.get("block_auto_adjust_ff_dim", False):
-        ff = int(2 * ff / 3)
-        multiplier = raw.get("block_ffn_dim_multiplier")
-        if multiplier is not None:
-            ff = int(multiplier * ff)
-        multiple_of = int(raw.get("block_multiple_of", 256))
-        ff = multiple_of * math.ceil(ff / multiple_of)
-    return ff
+    return auto_adjusted_ff_dim(
+        ff,
+        int(raw.get("block_multiple_of", 256)),
+        raw.get("block_ffn_dim_multiplier"),
+        bool(raw.get("block_auto_adjust_ff_dim", False)),
+    )
 
 
 def parse_backbone_config(raw: dict) -> BackboneConfig:

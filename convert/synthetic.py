@@ -34,6 +34,8 @@ from typing import Literal
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from lfm2edge.convert.checkpoint import auto_adjusted_ff_dim
+
 __all__ = [
     "BYTE_TOKEN_OFFSET",
     "DOCUMENT_MARKER",
@@ -284,16 +286,8 @@ def build_tokenizer(path: Path, base_vocab: int, colbert: bool) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def effective_ff_dim(
-    block_ff_dim: int, multiple_of: int, multiplier: float | None = 1.0, auto_adjust: bool = True
-) -> int:
-    """LFM2's MLP width: ``int(2 ff / 3)``, ``int(multiplier * ff)``, rounded up to ``multiple_of`` (§2.2)."""
-    if not auto_adjust:
-        return block_ff_dim
-    ff = int(2 * block_ff_dim / 3)
-    if multiplier is not None:
-        ff = int(multiplier * ff)
-    return multiple_of * ((ff + multiple_of - 1) // multiple_of)
+# LFM2's auto-adjust rule (§2.2) lives with the converter that reads it back.
+effective_ff_dim = auto_adjusted_ff_dim
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,8 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str
     result = CliRunner().invoke(app, [
         "bench", "--quick", "--threads", "1", "--cache-dir", str(out / "cache"),
         "--json", str(json_path), "--plot", str(png_path),
+        # a second interpreter's llama.cpp sides (here the same one): the stock-build comparison's plumbing
+        "--stock-python", sys.executable,
     ])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return json.loads(json_path.read_text()), png_path, result.output
@@ -121,6 +124,13 @@ def test_every_row_has_positive_ratios_to_pytorch(quick_run):
             assert fig["vs_torch"]["fp32"] == pytest.approx(1.0)
         if fig["regime"] == "document_batch":
             assert fig["items_per_s"] > 0 and fig["tokens_per_s"] > 0
+
+
+def test_stock_python_sides_run_beside_ours(quick_run):
+    data, _, _ = quick_run
+    for model in data["models"]:
+        llama = [s["format"] for s in model["sides"] if s["engine"] == "llama.cpp"]
+        assert llama and all(f"{f} stock" in llama for f in llama if not f.endswith(" stock"))
 
 
 def test_plot_is_a_png(quick_run):

@@ -40,15 +40,13 @@ QUERIES = [q["text"] for q in SAMPLE["queries"]]
 
 
 @pytest.fixture(scope="module")
-def colbert(colbert_gguf: Path):
-    with lfm2edge.load(colbert_gguf, n_threads=1) as enc:
-        yield enc
+def colbert(colbert_encoder):
+    return colbert_encoder  # the session's tiny ColBERT encoder (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def dense(embedding_gguf: Path):
-    with lfm2edge.load(embedding_gguf, n_threads=1) as enc:
-        yield enc
+def dense(embedding_encoder):
+    return embedding_encoder
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ import httpx
 import numpy as np
 import pytest
 
-import lfm2edge
 from lfm2edge.convert.synthetic import load_sample_texts
 from lfm2edge.runtime.index import Index
 from lfm2edge.runtime.maxsim import maxsim
@@ -91,15 +90,13 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def colbert(colbert_gguf: Path):
-    with lfm2edge.load(colbert_gguf, n_threads=1) as enc:
-        yield enc
+def colbert(colbert_encoder):
+    return colbert_encoder  # the session's tiny ColBERT encoder (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def dense(embedding_gguf: Path):
-    with lfm2edge.load(embedding_gguf, n_threads=1) as enc:
-        yield enc
+def dense(embedding_encoder):
+    return embedding_encoder
 
 
 @pytest.fixture(scope="module")
