@@ -8,22 +8,10 @@ Scoring is exact over the stored vectors: MaxSim for ColBERT, cosine for dense m
 are stored float16 (default) or int8 with one float32 scale per row, and memory-mapped, so an
 index opens instantly and only the pages a search touches are read.
 
-Folder layout (format version 1)::
-
-    INDEX/
-      manifest.json     the committed state, replaced atomically (temp file, fsync, os.replace, fsync dir)
-      .lock             inter-process writer lock
-      segments/NAME/    one immutable batch of documents; fully written and fsynced before the
-                        manifest names it, so a crash leaves at most an unnamed folder (removed later)
-        vectors.npy     [rows, dim] float16 | int8. ColBERT: the kept token vectors; dense: one row per doc
-        scales.npy      [rows] float32, int8 only: the stored vector is vectors[r] * scales[r]
-        offsets.npy     [docs + 1] int64: document i owns rows offsets[i]:offsets[i + 1]
-        ids.json        [docs] document ids
-        docs.jsonl      one {"text", "metadata"} object per document
-        lines.npy       [docs + 1] int64 byte offsets of those lines
-
-``manifest.json`` names the model (the GGUF identity hash, kind, dim), the storage settings, and
-each committed segment with its file sizes and SHA-256 and its deleted rows (tombstones). A
+An index is a folder: immutable segment folders plus ``manifest.json``, which names the model, the
+storage settings and each committed segment with its checksums and deleted rows. The folder layout
+and the commit protocol are documented in ``lfm2edge.runtime.index_storage``, which reads and writes
+those files; ``lfm2edge.runtime.vector_codecs`` holds the token pooling and int8 quantization. A
 commit is one manifest replacement, so every add batch, delete and merge is all-or-nothing.
 Once there are more than 16 segments the 8 smallest are merged into one; ``compact()`` merges
 all of them and drops deleted documents for good.
@@ -31,40 +19,48 @@ all of them and drops deleted documents for good.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import os
 import secrets
-import shutil
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import numpy as np
 
-from lfm2edge.runtime.errors import InvalidInputError, Lfm2EdgeError
+from lfm2edge.runtime.errors import InvalidInputError
+from lfm2edge.runtime.index_storage import (
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    LOCK,
+    MANIFEST,
+    SEGMENTS,
+    Segment,
+    consistently,
+    corrupt,
+    file_lock,
+    fsync_dir,
+    manifest_stamp,
+    open_segment,
+    read_manifest,
+    record_line,
+    remove_orphans,
+    replace_deleted,
+    sha256,
+    write_manifest,
+    write_segment,
+)
+from lfm2edge.runtime.index_storage import (
+    IndexCorruptError as IndexCorruptError,  # re-exported: defined with the storage layer
+)
 from lfm2edge.runtime.settings import ModelKind
+from lfm2edge.runtime.vector_codecs import normalize, pool_tokens, quantize_int8
 
-try:  # POSIX
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
-    import msvcrt
-
-FORMAT = "lfm2edge-index"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SEGMENTS = "segments"
-LOCK = ".lock"
-TMP_PREFIX = ".tmp-"
-DTYPES = ("float16", "int8")
-T = TypeVar("T")
 OnDuplicate = Literal["error", "skip", "replace"]
 ON_DUPLICATE: tuple[str, ...] = ("error", "skip", "replace")
 # Merge the MERGE_WIDTH smallest segments once there are more than MAX_SEGMENTS: a log-structured
@@ -74,10 +70,6 @@ MERGE_WIDTH = 8
 # Float32 scratch per scoring block (rows x query vectors, and the widened rows): a few tens of MB.
 BLOCK_FLOATS = 1 << 22
 QUERY_GROUP = 16
-
-
-class IndexCorruptError(Lfm2EdgeError):
-    """The folder is not an lfm2edge index, or its files are damaged or missing."""
 
 
 class IndexModelMismatchError(InvalidInputError):
@@ -109,147 +101,9 @@ class Hit:
     metadata: Mapping[str, Any] | None
 
 
-@dataclass(frozen=True)
-class _Segment:
-    """One committed, immutable batch of documents, memory-mapped; ``deleted`` is this commit's tombstones."""
-
-    name: str
-    ids: tuple[str, ...]
-    vectors: np.ndarray
-    scales: np.ndarray | None
-    offsets: np.ndarray
-    lines: np.ndarray
-    docs: np.ndarray  # docs.jsonl as uint8, memory-mapped: stays readable after a merge unlinks it
-    deleted: np.ndarray  # bool [docs]
-    files: Mapping[str, tuple[int, str]]  # file name -> (size, sha256)
-
-    @property
-    def live(self) -> int:
-        return len(self.ids) - int(self.deleted.sum())
-
-    def record(self, row: int) -> dict[str, Any]:
-        return json.loads(bytes(self.docs[self.lines[row] : self.lines[row + 1]]))
-
-    def rows(self, lo: int, hi: int) -> np.ndarray:
-        """Stored vectors lo:hi widened to float32 (dequantized when int8)."""
-        block = self.vectors[lo:hi].astype(np.float32)
-        if self.scales is not None:
-            block *= self.scales[lo:hi, None]
-        return block
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Vector transforms: token pooling and int8 quantization
+# The model's identity and input checks
 # ----------------------------------------------------------------------------------------------------------
-
-
-def pool_tokens(vectors: np.ndarray, pool_factor: int, protected: int = 1) -> np.ndarray:
-    """Ward-cluster a document's token vectors into n // pool_factor groups and keep each group's mean.
-
-    As PyLate's hierarchical pooling: the first ``protected`` vectors (BOS) are kept as they are, the
-    means are not re-normalised, clusters are ordered by their first token. Ward linkage on the vectors
-    themselves (for unit vectors, squared distance is 2 - 2 cos).
-    """
-    x = np.asarray(vectors, dtype=np.float32)
-    head, rest = x[:protected], x[protected:]
-    n = len(rest)
-    target = max(n // pool_factor, 1)
-    if pool_factor <= 1 or n <= target:
-        return x
-    cent = rest.astype(np.float64)
-    size = np.ones(n)
-    first = np.arange(n)
-    alive = np.ones(n, dtype=bool)
-    sq = (cent**2).sum(1)
-    dist = 0.5 * np.maximum(sq[:, None] + sq[None, :] - 2 * cent @ cent.T, 0.0)
-    np.fill_diagonal(dist, np.inf)
-    for _ in range(n - target):
-        i, j = divmod(int(np.argmin(dist)), n)
-        i, j = min(i, j), max(i, j)
-        cent[i] = (size[i] * cent[i] + size[j] * cent[j]) / (size[i] + size[j])
-        size[i] += size[j]
-        alive[j] = False
-        dist[j, :] = dist[:, j] = np.inf
-        row = size * size[i] / (size + size[i]) * ((cent - cent[i]) ** 2).sum(1)
-        row[~alive] = np.inf
-        row[i] = np.inf
-        dist[i, :] = dist[:, i] = row
-    pooled = cent[alive][np.argsort(first[alive], kind="stable")]
-    return np.concatenate([head, pooled.astype(np.float32)])
-
-
-def quantize_int8(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-row int8: (codes, scales) with vectors ~= codes * scales[:, None]."""
-    x = np.asarray(vectors, dtype=np.float32)
-    scales = np.abs(x).max(axis=1) / 127.0
-    scales[scales == 0] = 1.0
-    codes = np.clip(np.rint(x / scales[:, None]), -127, 127).astype(np.int8)
-    return codes, scales.astype(np.float32)
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Files: durable writes, the writer lock, checks
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":  # pragma: no cover - directories cannot be opened for fsync there
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> tuple[int, str]:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return len(data), hashlib.sha256(data).hexdigest()
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock between processes (threads are serialised by the Index's own lock)."""
-    with open(path, "a+b") as f:
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        else:  # pragma: no cover - Windows
-            f.seek(0)
-            while True:
-                try:
-                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
-                    break
-                except OSError:
-                    continue
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-            else:  # pragma: no cover - Windows
-                f.seek(0)
-                msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
 
 
 _IDENTITIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -260,14 +114,6 @@ def model_identity(encoder) -> str:
     if encoder not in _IDENTITIES:
         _IDENTITIES[encoder] = encoder.model_file.header.identity()
     return _IDENTITIES[encoder]
-
-
-def _corrupt(path: Path, problem: str) -> IndexCorruptError:
-    return IndexCorruptError(
-        f"the index at {path} is damaged: {problem}. It was changed by something other than lfm2edge "
-        "(or the disk lost data); restore the folder from a backup or rebuild it with "
-        "`lfm2edge index create`."
-    )
 
 
 def _check_ids(ids: object, n: int) -> list[str]:
@@ -333,7 +179,7 @@ class Index:
         self.encoder = encoder
         self._write_lock = threading.RLock()
         self._manifest: dict = {}
-        self._segments: tuple[_Segment, ...] = ()
+        self._segments: tuple[Segment, ...] = ()
         self._where: dict[str, tuple[str, int]] = {}
         self._seen: tuple[int, int] | None = None  # the manifest file our state reflects (None: unknown)
         self._install(manifest)
@@ -398,15 +244,15 @@ class Index:
             "next_id": 0,
             "segments": [],
         }
-        _write_manifest(path, manifest)
-        _fsync_dir(path.parent if path.parent != path else path)
+        write_manifest(path, manifest)
+        fsync_dir(path.parent if path.parent != path else path)
         return cls(path, manifest, encoder)
 
     @classmethod
     def open(cls, path: str | Path, encoder=None) -> Index:
         """Open an existing index; refuses an encoder whose model did not build it."""
         path = Path(path)
-        index = _consistently(path, lambda manifest: cls(path, manifest, None))
+        index = consistently(path, lambda manifest: cls(path, manifest, None))
         if encoder is not None:
             index._check_model(encoder)
             index.encoder = encoder
@@ -466,14 +312,14 @@ class Index:
         open_now = {s.name: s for s in self._segments}
         segments = []
         for entry in manifest["segments"]:
-            seg = open_now.get(entry["name"]) or _open_segment(self.path, entry, manifest)
+            seg = open_now.get(entry["name"]) or open_segment(self.path, entry, manifest)
             rows = np.asarray(entry.get("deleted", []), dtype=np.int64)
             if len(rows) and (rows.min() < 0 or rows.max() >= len(seg.ids)):
-                raise _corrupt(self.path, f"segment {seg.name} lists deleted rows that it does not have")
+                raise corrupt(self.path, f"segment {seg.name} lists deleted rows that it does not have")
             deleted = np.zeros(len(seg.ids), dtype=bool)
             deleted[rows] = True
             deleted.flags.writeable = False
-            segments.append(_replace_deleted(seg, deleted))
+            segments.append(replace_deleted(seg, deleted))
         where = {}
         for seg in segments:
             for row, (doc_id, gone) in enumerate(zip(seg.ids, seg.deleted, strict=True)):
@@ -491,15 +337,16 @@ class Index:
             return True
 
         with self._write_lock:
-            stamp = _stamp(self.path)  # taken before reading: a commit in between only costs a re-read
-            changed = _consistently(self.path, adopt)
+            # Taken before reading: a commit in between only costs a re-read.
+            stamp = manifest_stamp(self.path)
+            changed = consistently(self.path, adopt)
             self._seen = stamp
             return changed
 
     def _refresh_if_changed(self) -> None:
         """Adopt another process's commits before a search; one stat when nothing changed, never blocking."""
         try:
-            if _stamp(self.path) == self._seen or not self._write_lock.acquire(blocking=False):
+            if manifest_stamp(self.path) == self._seen or not self._write_lock.acquire(blocking=False):
                 return  # unchanged, or a writer here is busy and will adopt the latest state itself
         except OSError:
             return  # the folder went away: keep answering from what is mapped
@@ -511,16 +358,16 @@ class Index:
     @contextmanager
     def _writing(self) -> Iterator[None]:
         """Serialise writers (threads and processes), starting from the latest committed state."""
-        with self._write_lock, _file_lock(self.path / LOCK):
-            self._seen = _stamp(self.path)
-            manifest = _read_manifest(self.path)
+        with self._write_lock, file_lock(self.path / LOCK):
+            self._seen = manifest_stamp(self.path)
+            manifest = read_manifest(self.path)
             if manifest["generation"] != self.generation:
                 self._install(manifest)
-            _remove_orphans(self.path, {s.name for s in self._segments})
+            remove_orphans(self.path, {s.name for s in self._segments})
             yield
-            _remove_orphans(self.path, {s.name for s in self._segments})  # what a merge or delete superseded
+            remove_orphans(self.path, {s.name for s in self._segments})  # what a merge or delete superseded
 
-    def _commit(self, segments: Sequence[_Segment], next_id: int | None = None) -> None:
+    def _commit(self, segments: Sequence[Segment], next_id: int | None = None) -> None:
         """Write the manifest naming ``segments`` (the commit point), then adopt it."""
         manifest = dict(self._manifest)
         manifest["generation"] = self.generation + 1
@@ -536,8 +383,8 @@ class Index:
             }
             for s in segments
         ]
-        _write_manifest(self.path, manifest)
-        self._seen = _stamp(self.path)  # under the writer lock: nobody else committed since
+        write_manifest(self.path, manifest)
+        self._seen = manifest_stamp(self.path)  # under the writer lock: nobody else committed since
         self._install(manifest)
 
     # -- writing ------------------------------------------------------------------------------------------
@@ -636,25 +483,25 @@ class Index:
                 docs = [pool_tokens(d, s.pool_factor) for d in docs]
             rows, lengths = np.concatenate(docs), np.array([len(d) for d in docs])
         else:
-            rows = _normalize(encoder.encode_document(texts, batch_size=batch_size))
+            rows = normalize(encoder.encode_document(texts, batch_size=batch_size))
             lengths = np.ones(len(rows), dtype=np.int64)
         if s.dtype == "int8":
             vectors, scales = quantize_int8(rows)
         else:
             vectors, scales = rows.astype(np.float16), None
-        seg = _write_segment(
+        seg = write_segment(
             self.path,
             f"{self.generation + 1:08d}-{secrets.token_hex(4)}",
             vectors,
             scales,
             lengths,
             [d for d, _, _ in batch],
-            [_record_line(t if s.store_texts else None, m) for _, t, m in batch],
+            [record_line(t if s.store_texts else None, m) for _, t, m in batch],
         )
         replaced = self._tombstoned({d for d, _, _ in batch if d in self._where})
         self._commit([*replaced, seg], next_id)
 
-    def _tombstoned(self, doc_ids: set[str]) -> list[_Segment]:
+    def _tombstoned(self, doc_ids: set[str]) -> list[Segment]:
         """The current segments with ``doc_ids`` marked deleted."""
         rows: dict[str, list[int]] = {}
         for d in doc_ids:
@@ -665,7 +512,7 @@ class Index:
             if seg.name in rows:
                 deleted = seg.deleted.copy()
                 deleted[rows[seg.name]] = True
-                seg = _replace_deleted(seg, deleted)
+                seg = replace_deleted(seg, deleted)
             out.append(seg)
         return out
 
@@ -700,7 +547,7 @@ class Index:
             by_size = sorted(self._segments, key=lambda s: int(s.offsets[-1]))
             self._merge(by_size[:MERGE_WIDTH])
 
-    def _merge(self, group: list[_Segment]) -> None:
+    def _merge(self, group: list[Segment]) -> None:
         """Replace ``group`` by one segment of its live documents (stored rows copied, never re-quantized)."""
         names = {s.name for s in group}
         parts: list[tuple[np.ndarray, np.ndarray | None, np.ndarray]] = []
@@ -718,7 +565,7 @@ class Index:
         kept = [s for s in self._segments if s.name not in names]
         if parts:
             kept.append(
-                _write_segment(
+                write_segment(
                     self.path,
                     f"{self.generation + 1:08d}-{secrets.token_hex(4)}",
                     np.concatenate([p[0] for p in parts]),
@@ -768,13 +615,13 @@ class Index:
         return hits
 
     def _search_group(
-        self, segments: tuple[_Segment, ...], qs: list[np.ndarray], k: int, late: bool
+        self, segments: tuple[Segment, ...], qs: list[np.ndarray], k: int, late: bool
     ) -> list[list[Hit]]:
         if late:
             qcat = np.concatenate(qs)
             starts = np.cumsum([0] + [len(q) for q in qs[:-1]])
         else:
-            qcat = _normalize(np.stack(qs))
+            qcat = normalize(np.stack(qs))
             starts = None
         parts = []
         for seg in segments:
@@ -833,7 +680,7 @@ class Index:
                 p = self.path / SEGMENTS / seg.name / fname
                 if not p.is_file():
                     problems.append(f"{p} is missing")
-                elif p.stat().st_size != size or _sha256(p) != digest:
+                elif p.stat().st_size != size or sha256(p) != digest:
                     problems.append(f"{p} does not match its checksum")
         return problems
 
@@ -856,17 +703,11 @@ class Index:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Segments and the manifest on disk
+# Scoring one segment
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _replace_deleted(seg: _Segment, deleted: np.ndarray) -> _Segment:
-    from dataclasses import replace
-
-    return replace(seg, deleted=deleted)
-
-
-def _score_segment(seg: _Segment, qcat: np.ndarray, starts: np.ndarray | None) -> np.ndarray:
+def _score_segment(seg: Segment, qcat: np.ndarray, starts: np.ndarray | None) -> np.ndarray:
     """Scores [docs, queries] of one segment: MaxSim when ``starts`` splits ``qcat`` into queries, else dot
     products (dense: one row per document)."""
     n_docs, offsets = len(seg.ids), seg.offsets
@@ -887,158 +728,3 @@ def _score_segment(seg: _Segment, qcat: np.ndarray, starts: np.ndarray | None) -
             out[first:last] = np.add.reduceat(best, starts, axis=1)
         first = last
     return out
-
-
-def _record_line(text: str | None, metadata: Mapping | None) -> bytes:
-    return (
-        json.dumps({"text": text, "metadata": metadata}, ensure_ascii=False, allow_nan=False).encode() + b"\n"
-    )
-
-
-def _write_segment(
-    root: Path,
-    name: str,
-    vectors: np.ndarray,
-    scales: np.ndarray | None,
-    lengths: np.ndarray,
-    ids: Sequence[str],
-    lines: Sequence[bytes],
-) -> _Segment:
-    """Write a segment folder durably (temp name, fsync, rename) and open it; the caller commits it."""
-    tmp = root / SEGMENTS / f"{TMP_PREFIX}{name}"
-    final = root / SEGMENTS / name
-    tmp.mkdir(parents=True)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    arrays = {"vectors.npy": vectors, "offsets.npy": offsets}
-    if scales is not None:
-        arrays["scales.npy"] = scales.astype(np.float32)
-    arrays["lines.npy"] = np.concatenate([[0], np.cumsum([len(x) for x in lines])]).astype(np.int64)
-    files = {fname: _write_durable(tmp / fname, _npy_bytes(a)) for fname, a in arrays.items()}
-    files["ids.json"] = _write_durable(tmp / "ids.json", json.dumps(list(ids), ensure_ascii=False).encode())
-    files["docs.jsonl"] = _write_durable(tmp / "docs.jsonl", b"".join(lines))
-    _fsync_dir(tmp)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    entry = {"name": name, "docs": len(ids), "rows": int(offsets[-1]), "files": files}
-    return _open_segment(root, entry, {"storage": {"dtype": str(vectors.dtype)}})
-
-
-def _open_segment(root: Path, entry: dict, manifest: dict) -> _Segment:
-    """Open a committed segment, checking it against its manifest entry (cheap checks: sizes, shapes)."""
-    folder = root / SEGMENTS / str(entry.get("name"))
-    files = {k: (int(v[0]), str(v[1])) for k, v in entry["files"].items()}
-    for fname, (size, _) in files.items():
-        p = folder / fname
-        if not p.is_file():
-            raise _corrupt(root, f"{p} is missing")
-        if p.stat().st_size != size:
-            raise _corrupt(root, f"{p} has {p.stat().st_size} bytes, the manifest says {size}")
-    try:
-        vectors = np.load(folder / "vectors.npy", mmap_mode="r", allow_pickle=False)
-        scales = (
-            np.load(folder / "scales.npy", mmap_mode="r", allow_pickle=False)
-            if "scales.npy" in files
-            else None
-        )
-        offsets = np.load(folder / "offsets.npy", allow_pickle=False)
-        lines = np.load(folder / "lines.npy", allow_pickle=False)
-        ids = tuple(json.loads((folder / "ids.json").read_text(encoding="utf-8")))
-        docs = np.memmap(folder / "docs.jsonl", dtype=np.uint8, mode="r")
-    except (OSError, ValueError) as e:
-        raise _corrupt(root, f"segment {folder.name} cannot be read ({e})") from None
-    n, rows, dtype = int(entry["docs"]), int(entry["rows"]), manifest["storage"]["dtype"]
-    ok = (
-        vectors.ndim == 2
-        and vectors.shape[0] == rows
-        and vectors.dtype == np.dtype(dtype)
-        and (scales is None) == (dtype != "int8")
-        and (scales is None or scales.shape == (rows,))
-        and offsets.shape == (n + 1,)
-        and offsets[0] == 0
-        and offsets[-1] == rows
-        and bool(np.all(np.diff(offsets) > 0))
-        and lines.shape == (n + 1,)
-        and lines[-1] == len(docs)
-        and len(ids) == n
-        and all(isinstance(d, str) for d in ids)
-    )
-    if not ok:
-        raise _corrupt(root, f"segment {folder.name} is inconsistent with the manifest")
-    return _Segment(
-        str(entry["name"]), ids, vectors, scales, offsets, lines, docs, np.zeros(n, dtype=bool), files
-    )
-
-
-def _read_manifest(path: Path) -> dict:
-    manifest_path = path / MANIFEST
-    if not path.is_dir():
-        raise IndexCorruptError(
-            f"{path} does not exist or is not a folder; create an index with `lfm2edge index create`"
-        )
-    if not manifest_path.is_file():
-        raise IndexCorruptError(
-            f"{path} is not an lfm2edge index (it has no {MANIFEST}); "
-            "create one with `lfm2edge index create` "
-            "or Index.create"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _corrupt(path, f"{MANIFEST} cannot be read ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise IndexCorruptError(f"{path}/{MANIFEST} is not an lfm2edge index manifest (no format '{FORMAT}')")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise IndexCorruptError(
-            f"{path} is index format version {manifest.get('version')}; "
-            f"this lfm2edge reads version {FORMAT_VERSION}. "
-            "Upgrade lfm2edge or rebuild the index."
-        )
-    try:
-        ModelKind(manifest["model"]["kind"])
-        int(manifest["model"]["dim"]), str(manifest["model"]["identity"]), int(manifest["generation"])
-        if manifest["storage"]["dtype"] not in DTYPES:
-            raise ValueError(f"unknown dtype {manifest['storage']['dtype']!r}")
-        int(manifest["storage"]["pool_factor"]), int(manifest["next_id"])
-        for e in manifest["segments"]:
-            str(e["name"]), int(e["docs"]), int(e["rows"]), dict(e["files"]), list(e.get("deleted", []))
-    except (KeyError, TypeError, ValueError) as e:
-        raise _corrupt(path, f"{MANIFEST} lacks or mangles a field ({e!r})") from None
-    return manifest
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    """Identifies one manifest file: each commit replaces it by a new file (new inode)."""
-    st = os.stat(path / MANIFEST)
-    return st.st_ino, st.st_mtime_ns
-
-
-def _consistently(path: Path, use: Callable[[dict], T]) -> T:
-    """``use(manifest)`` on the current manifest, again if a commit elsewhere removed a segment meanwhile."""
-    for attempt in range(3):
-        manifest = _read_manifest(path)
-        try:
-            return use(manifest)
-        except IndexCorruptError:
-            if attempt == 2 or _read_manifest(path)["generation"] == manifest["generation"]:
-                raise
-    raise AssertionError("unreachable")
-
-
-def _write_manifest(path: Path, manifest: dict) -> None:
-    """The commit point: the new manifest is complete on disk before it replaces the old one."""
-    tmp = path / f"{MANIFEST}{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-    _write_durable(tmp, json.dumps(manifest, indent=1, ensure_ascii=False).encode())
-    os.replace(tmp, path / MANIFEST)
-    _fsync_dir(path)
-
-
-def _remove_orphans(path: Path, committed: set[str]) -> None:
-    """Delete what crashed or superseded writes left: temp manifests, unnamed or merged segments."""
-    for p in path.glob(f"{MANIFEST}{TMP_PREFIX}*"):
-        p.unlink(missing_ok=True)
-    segments = path / SEGMENTS
-    if not segments.is_dir():
-        raise _corrupt(path, f"the {SEGMENTS}/ folder is missing")
-    for p in segments.iterdir():
-        if p.is_dir() and p.name not in committed:
-            shutil.rmtree(p, ignore_errors=True)  # a reader elsewhere keeps its memory maps alive

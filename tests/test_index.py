@@ -292,7 +292,7 @@ CHILD = textwrap.dedent(
     """
     import json, os, signal, sys
     import lfm2edge
-    from lfm2edge.runtime import index as index_module
+    from lfm2edge.runtime import index_storage
     from lfm2edge.runtime.index import Index
 
     path, model, mode, first = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -306,13 +306,13 @@ CHILD = textwrap.dedent(
         real = os.replace
         os.replace = lambda src, dst: die() if str(dst).endswith("manifest.json") else real(src, dst)
     if mode == "die-mid-segment":  # killed after writing two of a segment's files
-        real_write, count = index_module._write_durable, [0]
+        real_write, count = index_storage.write_durable, [0]
         def write(p, data):
             count[0] += 1
             if count[0] == 3:
                 die()
             return real_write(p, data)
-        index_module._write_durable = write
+        index_storage.write_durable = write
     if mode == "die-in-delete":
         real = os.replace
         os.replace = lambda src, dst: die() if str(dst).endswith("manifest.json") else real(src, dst)
