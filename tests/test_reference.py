@@ -32,19 +32,20 @@ def _make(path: Path, kind: str, **kwargs: object) -> Path:
     return make_checkpoint(path, kind=kind, seed=0, **kwargs)
 
 
+# The session's tiny checkpoints (tests/conftest.py), under the names these tests use.
 @pytest.fixture(scope="module")
-def colbert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _make(tmp_path_factory.mktemp("ref") / "colbert", "colbert")
-
-
-@pytest.fixture(scope="module")
-def embedding_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _make(tmp_path_factory.mktemp("ref") / "embedding", "embedding")
+def colbert_dir(colbert_checkpoint: Path) -> Path:
+    return colbert_checkpoint
 
 
 @pytest.fixture(scope="module")
-def causal_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _make(tmp_path_factory.mktemp("ref") / "causal", "colbert", bidirectional=False)
+def embedding_dir(embedding_checkpoint: Path) -> Path:
+    return embedding_checkpoint
+
+
+@pytest.fixture(scope="module")
+def causal_dir(causal_colbert_checkpoint: Path) -> Path:
+    return causal_colbert_checkpoint
 
 
 @pytest.fixture(scope="module")
