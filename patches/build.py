@@ -64,8 +64,12 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def platform_cmake_args() -> list[str]:
-    """CMake flags for this platform; LFM2EDGE_CMAKE_ARGS overrides them all."""
+def platform_cmake_args(patched: bool = True) -> list[str]:
+    """CMake flags for this platform; LFM2EDGE_CMAKE_ARGS overrides them all.
+
+    AMX is enabled only with our patches: stock ggml's AMX path dies with SIGILL on every
+    quantized model (llama.cpp #20824), which patches/llama.cpp/0003 fixes.
+    """
     if "LFM2EDGE_CMAKE_ARGS" in os.environ:
         return os.environ["LFM2EDGE_CMAKE_ARGS"].split()
     args = ["-DLLAVA_BUILD=OFF", "-DLLAMA_OPENSSL=OFF"]
@@ -73,8 +77,7 @@ def platform_cmake_args() -> list[str]:
     if system == "Darwin" and machine == "arm64":
         return args + ["-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"]
     if system == "Linux" and machine in ("x86_64", "amd64"):
-        # Native builds on AMX Xeons compile ggml's AMX path, which segfaults on every
-        # quantized model (llama.cpp #20824): pick the ISA explicitly, AMX off.
+        # Pick the ISA explicitly rather than -march=native: the wheel's key then names it.
         flags = cpu_flags()
         isa = {
             "GGML_AVX": "avx",
@@ -87,6 +90,8 @@ def platform_cmake_args() -> list[str]:
             "GGML_AVX512_BF16": "avx512_bf16",
             "GGML_AVX512_VBMI": "avx512vbmi",
         }
+        if patched:
+            isa |= {"GGML_AMX_TILE": "amx_tile", "GGML_AMX_INT8": "amx_int8", "GGML_AMX_BF16": "amx_bf16"}
         args.append("-DGGML_NATIVE=OFF")
         args += [f"-D{opt}={'ON' if flag in flags else 'OFF'}" for opt, flag in isa.items()]
         return args
@@ -240,8 +245,9 @@ def main() -> int:
     parser.add_argument("--print-key", action="store_true", help="print the cache key and exit")
     args = parser.parse_args()
 
-    series = patch_series(os.environ.get("LFM2EDGE_PATCHES", "1") != "0")
-    cmake_args = platform_cmake_args()
+    patched = os.environ.get("LFM2EDGE_PATCHES", "1") != "0"
+    series = patch_series(patched)
+    cmake_args = platform_cmake_args(patched)
     key = build_key(cmake_args, series)
     if args.print_key:
         print(key)

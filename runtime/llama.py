@@ -85,8 +85,10 @@ class LlamaModel:
         params = ll.llama_model_default_params()
         if n_gpu_layers is not None:  # None keeps llama.cpp's default: offload where a GPU backend exists
             params.n_gpu_layers = n_gpu_layers
-        if build_info().amx:
-            # ggml's AMX repack crashes on every quantized model (llama.cpp #20824).
+        info = build_info()
+        if info.amx and not info.has_patch("amx-tile-config"):
+            # Stock ggml's AMX path dies with SIGILL on every quantized model (llama.cpp #20824);
+            # lfm2edge's patch fixes it, so only unpatched AMX builds skip the AMX buffers.
             params.use_extra_bufts = False
         self._model = ll.llama_model_load_from_file(str(path).encode(), params)
         if not self._model:

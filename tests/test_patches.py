@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from lfm2edge.convert.verify import row_cosines
 
@@ -87,3 +88,40 @@ def test_batched_encoding_without_memory_equals_one_at_a_time(colbert_encoder, e
     assert not embedding_encoder._ctx.has_memory
     d_alone = np.stack([embedding_encoder.encode_document(d) for d in docs])
     assert row_cosines(d_alone, embedding_encoder.encode_document(docs, batch_size=64)).min() >= 0.99999
+
+
+AMX_CHILD = """
+import logging, sys
+import numpy as np
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(message)s")
+import lfm2edge
+text = "a long enough document about many different things " * 12
+with lfm2edge.load(sys.argv[1], n_threads=2) as q8, lfm2edge.load(sys.argv[2], n_threads=2) as f32:
+    a, b = q8.encode_document(text), f32.encode_document(text)
+print(a.shape[0], float((a * b).sum(axis=1).min()))
+"""
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_quantized_models_run_on_amx(bidirectional, tmp_path):
+    """The amx-tile-config patch: AMX int8 kernels run quantized matmuls, right, instead of dying of SIGILL."""
+    import dataclasses
+
+    from lfm2edge.convert.pipeline import convert
+    from lfm2edge.convert.synthetic import TINY, make_checkpoint
+    from lfm2edge.runtime.build import build_info
+
+    if not build_info().amx:
+        pytest.skip("this build has no AMX (the CPU lacks it, or the stock path was built)")
+    # the real widths (1024, FFN 4608) so that ggml's AMX tile kernels take the matmuls; two layers
+    shape = dataclasses.replace(TINY, hidden_size=1024, num_hidden_layers=2, attention_layers=(1,),
+                                num_attention_heads=16, num_key_value_heads=8, block_ff_dim=6656,
+                                block_multiple_of=256)
+    ckpt = make_checkpoint(tmp_path / "ckpt", "colbert", shape, bidirectional=bidirectional)
+    q8, f32 = convert(ckpt, tmp_path / "q8.gguf", "q8_0"), convert(ckpt, tmp_path / "f32.gguf", "f32")
+    proc = subprocess.run([sys.executable, "-c", AMX_CHILD, str(q8), str(f32)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-1500:]}"
+    assert "AMX model buffer size" in proc.stderr  # the AMX path was taken
+    rows, cosine = proc.stdout.split()
+    assert int(rows) > 16 and float(cosine) >= 0.99  # q8_0 through AMX agrees with f32 (no AMX)
