@@ -10,15 +10,32 @@ Messages to the parent: ("progress", text), then ("result", SideOutput, cpu seco
 from __future__ import annotations
 
 import os
+import site
+import sys
 import traceback
 
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
               "NUMEXPR_NUM_THREADS")
 
 
+def _use_own_site_packages() -> None:
+    """A side run by another interpreter must import that interpreter's llama_cpp.
+
+    multiprocessing's spawn hands the child the parent's sys.path, which would load the
+    parent's (patched) llama_cpp into the "stock" side: put this interpreter's own
+    site-packages first instead.
+    """
+    if "llama_cpp" in sys.modules:
+        raise RuntimeError("llama_cpp was imported before the side could choose its own")
+    own = site.getsitepackages()
+    sys.path[:] = own + [p for p in sys.path if p not in own and not p.endswith("site-packages")]
+
+
 def child_main(spec, queue) -> None:
     for name in THREAD_ENV:
         os.environ[name] = str(spec.threads)
+    if spec.python:
+        _use_own_site_packages()
     try:
         if spec.engine == "torch":
             from lfm2edge.bench.torch_side import run
