@@ -32,14 +32,10 @@ def convert(
     ckpt = model if isinstance(model, Checkpoint) else resolve(model, revision)
     settings = ckpt.retrieval_settings(ckpt.load_tokenizer())
     if outtype in DIRECT_TYPES:
-        return _write(ckpt, outfile, outtype, settings, progress)
+        return write_gguf(ckpt, outfile, DIRECT_TYPES[outtype], settings, progress=progress)
     f32 = outfile.with_name(f".{outfile.name}.f32-{os.getpid()}")
     try:
-        _write(ckpt, f32, "f32", settings, progress)
+        write_gguf(ckpt, f32, DIRECT_TYPES["f32"], settings, progress=progress)
         return quantize_file(f32, outfile, outtype, n_threads)
     finally:
         f32.unlink(missing_ok=True)
-
-
-def _write(ckpt: Checkpoint, outfile: Path, outtype: str, settings, progress: bool) -> Path:
-    return write_gguf(ckpt, outfile, DIRECT_TYPES[outtype], settings, progress=progress)
