@@ -10,8 +10,9 @@ PYTEST_ARGS ?=
 
 # The virtualenv with the project and its extras. The patched llama-cpp-python is built and
 # installed first (patches/build.py), so pip finds llama-cpp-python==0.3.36 already there and
-# never compiles the stock sdist itself. torch==2.13.0 is the CPU build.
-$(STAMP): pyproject.toml patches/build.py $(wildcard patches/*/*.patch)
+# never compiles the stock sdist itself. torch==2.13.0 is the CPU build. The editable install
+# also compiles the MaxSim kernel (runtime/_maxsim.c) in place.
+$(STAMP): pyproject.toml patches/build.py $(wildcard patches/*/*.patch) runtime/_maxsim.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip setuptools wheel "scikit-build-core>=0.9.2"
 	$(PY) -m pip install -q torch==2.13.0
@@ -40,4 +41,4 @@ lint: setup
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache runtime/_maxsim*.so

@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +59,7 @@ from lfm2edge.runtime.index_storage import (
 from lfm2edge.runtime.index_storage import (
     IndexCorruptError as IndexCorruptError,  # re-exported: defined with the storage layer
 )
+from lfm2edge.runtime.maxsim import PackedDocuments, kernel_path, maxsim
 from lfm2edge.runtime.settings import ModelKind
 from lfm2edge.runtime.vector_codecs import normalize, pool_tokens, quantize_int8
 
@@ -713,6 +715,12 @@ def _score_segment(seg: Segment, qcat: np.ndarray, starts: np.ndarray | None) ->
     n_docs, offsets = len(seg.ids), seg.offsets
     n_queries = len(qcat) if starts is None else len(starts)
     out = np.empty((n_docs, n_queries), dtype=np.float32)
+    if starts is not None and seg.scales is None and n_docs and kernel_path(seg.vectors.shape[1]):
+        # float16 MaxSim: the kernel reads the mapped segment in place, one query at a time.
+        packed = PackedDocuments(seg.vectors, offsets)
+        for i, (a, b) in enumerate(pairwise([*starts, len(qcat)])):
+            out[:, i] = maxsim(qcat[a:b], packed, backend="kernel")
+        return out
     block = max(1, BLOCK_FLOATS // max(len(qcat), seg.vectors.shape[1]))
     first = 0
     while first < n_docs:

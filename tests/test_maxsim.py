@@ -1,0 +1,95 @@
+"""The MaxSim kernel (runtime/_maxsim.c) against PyLate's scoring, path by path."""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import pytest
+
+import lfm2edge.runtime.maxsim as m
+from lfm2edge.convert.reference import pylate_maxsim
+from lfm2edge.runtime.errors import InvalidInputError
+from lfm2edge.runtime.maxsim import PackedDocuments, maxsim
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split()[2:]}
+    except OSError:
+        return set()
+
+
+FLAGS = _cpu_flags()
+PATHS = {
+    "avx512": ({"avx512f", "f16c"}, [16, 128]),
+    "avx2": ({"avx2", "fma", "f16c"}, [8, 24, 128, 200]),
+}
+
+
+def _corpus(rng, dim, n_docs=300, max_len=40):
+    docs = [rng.standard_normal((int(n), dim)).astype(np.float32) for n in rng.integers(1, max_len, n_docs)]
+    return [d / np.linalg.norm(d, axis=1, keepdims=True) for d in docs]
+
+
+def test_kernel_is_built_where_it_can_run():
+    # A failed build would silently fall back to numpy: make CI notice.
+    if platform.machine() not in ("x86_64", "AMD64") or not PATHS["avx2"][0] <= FLAGS:
+        pytest.skip("the kernel has no path for this CPU")
+    assert m.kernel_path(128) == ("avx512" if PATHS["avx512"][0] <= FLAGS else "avx2")
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("n_query", [1, 31, 32, 33, 70])
+def test_kernel_equals_pylate(path, n_query):
+    needs, dims = PATHS[path]
+    if m._maxsim is None or not needs <= FLAGS:
+        pytest.skip(f"no {path} here")
+    rng = np.random.default_rng(n_query)
+    for dim in dims:
+        docs = _corpus(rng, dim)
+        q = rng.standard_normal((n_query, dim)).astype(np.float32)
+        for dtype in (np.float32, np.float16):
+            packed = PackedDocuments.pack(docs, dtype)
+            stored = [d.astype(dtype).astype(np.float32) for d in docs]
+            got = m._maxsim_kernel(q, packed, path, threads=1)
+            np.testing.assert_allclose(got, pylate_maxsim(q, stored), rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_keeps_negative_maxima():
+    # Every similarity negative: a zero-padded or zero-initialised max would score 0.
+    rng = np.random.default_rng(3)
+    docs = [-np.abs(rng.standard_normal((n, 128))).astype(np.float32) for n in (1, 5, 13, 40)]
+    q = np.abs(rng.standard_normal((32, 128))).astype(np.float32)
+    scores = maxsim(q, PackedDocuments.pack(docs, np.float16))
+    assert (scores < 0).all()
+    expected = pylate_maxsim(q, [d.astype(np.float16).astype(np.float32) for d in docs])
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+
+
+def test_threads_split_documents_without_changing_scores(monkeypatch):
+    monkeypatch.setattr(m, "THREAD_MIN_TOKENS", 1)  # split even this small corpus
+    rng = np.random.default_rng(4)
+    docs = PackedDocuments.pack(_corpus(rng, 128, n_docs=501), np.float16)
+    q = rng.standard_normal((32, 128)).astype(np.float32)
+    one = maxsim(q, docs, threads=1)
+    for threads in (2, 3, 7):
+        np.testing.assert_array_equal(maxsim(q, docs, threads=threads), one)
+    np.testing.assert_allclose(maxsim(q, docs, backend="numpy"), one, rtol=1e-5, atol=1e-4)
+
+
+def test_backends_and_bad_input():
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((4, 12)).astype(np.float32)
+    docs = PackedDocuments.pack(_corpus(rng, 12, n_docs=10))
+    assert m.kernel_path(12) is None  # 12 dims: no SIMD path; auto falls back to numpy
+    np.testing.assert_allclose(maxsim(q, docs), maxsim(q, docs, backend="numpy"))
+    with pytest.raises(InvalidInputError, match="kernel does not run"):
+        maxsim(q, docs, backend="kernel")
+    with pytest.raises(InvalidInputError, match="offsets"):
+        PackedDocuments(np.zeros((5, 8), np.float16), np.array([0, 3, 9]))
+    with pytest.raises(InvalidInputError, match="at least one vector"):
+        PackedDocuments(np.zeros((5, 8), np.float16), np.array([0, 3, 3, 5]))
+    with pytest.raises(InvalidInputError, match="non-empty"):
+        maxsim(np.zeros((0, 8), np.float32), PackedDocuments.pack([np.ones((2, 8))]))
