@@ -102,26 +102,35 @@ print(a.shape[0], float((a * b).sum(axis=1).min()))
 """
 
 
-@pytest.mark.parametrize("bidirectional", [True, False])
-def test_quantized_models_run_on_amx(bidirectional, tmp_path):
-    """The amx-tile-config patch: AMX int8 kernels run quantized matmuls, right, instead of dying of SIGILL."""
+@pytest.mark.parametrize(
+    ("outtype", "bidirectional"), [("q8_0", True), ("q8_0", False), ("bf16", True)]
+)
+def test_models_run_on_amx(outtype, bidirectional, tmp_path):
+    """AMX runs the matmuls, right: q8_0 on the int8 kernels (amx-tile-config patch: no SIGILL) and
+    bf16 on the AMX-BF16 kernel (amx-bf16-matmul patch)."""
     import dataclasses
 
     from lfm2edge.convert.pipeline import convert
     from lfm2edge.convert.synthetic import TINY, make_checkpoint
     from lfm2edge.runtime.build import build_info
 
-    if not build_info().amx:
+    info = build_info()
+    if not info.amx:
         pytest.skip("this build has no AMX (the CPU lacks it, or the stock path was built)")
+    if outtype == "bf16":
+        if "-DGGML_AMX_BF16=ON" not in info.cmake_args:
+            pytest.skip("this build has no AMX-BF16")
+        require_patch(info.has_patch("amx-bf16-matmul"), "amx-bf16-matmul")
     # the real widths (1024, FFN 4608) so that ggml's AMX tile kernels take the matmuls; two layers
     shape = dataclasses.replace(TINY, hidden_size=1024, num_hidden_layers=2, attention_layers=(1,),
                                 num_attention_heads=16, num_key_value_heads=8, block_ff_dim=6656,
                                 block_multiple_of=256)
     ckpt = make_checkpoint(tmp_path / "ckpt", "colbert", shape, bidirectional=bidirectional)
-    q8, f32 = convert(ckpt, tmp_path / "q8.gguf", "q8_0"), convert(ckpt, tmp_path / "f32.gguf", "f32")
-    proc = subprocess.run([sys.executable, "-c", AMX_CHILD, str(q8), str(f32)], capture_output=True, text=True,
+    model, f32 = convert(ckpt, tmp_path / "m.gguf", outtype), convert(ckpt, tmp_path / "f32.gguf", "f32")
+    proc = subprocess.run([sys.executable, "-c", AMX_CHILD, str(model), str(f32)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-1500:]}"
     assert "AMX model buffer size" in proc.stderr  # the AMX path was taken
     rows, cosine = proc.stdout.split()
-    assert int(rows) > 16 and float(cosine) >= 0.99  # q8_0 through AMX agrees with f32 (no AMX)
+    # a row count that is not a multiple of the kernels' 32-row blocks; agrees with f32 (no AMX)
+    assert int(rows) % 32 and int(rows) > 32 and float(cosine) >= 0.99
