@@ -105,6 +105,11 @@ class Encoder:
     def dim(self) -> int:
         return self._model.n_embd_out
 
+    @property
+    def extra_buffers(self) -> bool:
+        """Whether llama.cpp's CPU extra buffer types (AMX, repack) are in use for this model."""
+        return self._model.extra_buffers
+
     def tokenize(self, text: str) -> np.ndarray:
         """Token ids as the model's HF tokenizer gives them (BOS first, added tokens matched)."""
         return self._model.tokenize(text, add_bos=True)
@@ -302,6 +307,7 @@ def load(
     exact: bool = True,
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
     n_gpu_layers: int | None = None,
+    extra_buffers: bool | None = None,
 ) -> DenseEncoder | ColBERTEncoder:
     """Open a GGUF as a DenseEncoder or a ColBERTEncoder, chosen from the file.
 
@@ -309,7 +315,10 @@ def load(
     2e-6 relative error against the PyTorch reference. ``exact=False`` enables flash
     attention (about 1e-3 per token; faster on long documents). ``query_expansion`` (ColBERT)
     is "pylate", "attended" or "none"; by default the most faithful mode the build supports,
-    reported by ``encoder.query_expansion``.
+    reported by ``encoder.query_expansion``. ``extra_buffers`` chooses llama.cpp's CPU extra
+    buffer types (AMX on CPUs with AMX, the CPU repack buffer): None lets the build decide (on,
+    except on unpatched AMX builds), False runs the plain CPU kernels, True forces them on;
+    ``encoder.extra_buffers`` tells which is in effect.
     """
     build = check_build()
     model_file = describe(path)
@@ -318,7 +327,7 @@ def load(
         raise ModelFileError(f"{path} cannot be used as a retriever:\n- " + "\n- ".join(problems))
     if query_expansion is not None and model_file.kind is ModelKind.DENSE:
         raise InvalidInputError("query_expansion applies to ColBERT models only; this file is a dense model")
-    model = LlamaModel(Path(path), n_gpu_layers)
+    model = LlamaModel(Path(path), n_gpu_layers, extra_buffers)
     common = dict(
         model_file=model_file,
         model=model,

@@ -7,7 +7,8 @@ offsets the second input on wrongly. The rules this module keeps (notes ยง5.3, ย
 - memory is cleared before every decode (KV and positions would carry over);
 - the attention type stays UNSPECIFIED, so the GGUF's ``lfm2.attention.causal`` decides
   for attention and the conv together (context-level causality leaves the conv causal);
-- the ctypes log callback stays referenced at module level (a collected one segfaults).
+- the ctypes log callback stays referenced at module level (a collected one segfaults),
+  and an eval callback stays referenced by its context for the context's lifetime.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import ctypes
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import llama_cpp as ll
@@ -78,18 +80,29 @@ def default_threads() -> int:
 
 
 class LlamaModel:
-    """Model weights and vocabulary, loaded once and shared by the encoder's context."""
+    """Model weights and vocabulary, loaded once and shared by the encoder's context.
 
-    def __init__(self, path: Path, n_gpu_layers: int | None = None):
+    ``extra_buffers`` is llama.cpp's ``use_extra_bufts``: whether the CPU backend may place
+    weights in its extra buffer types (AMX on x86 CPUs with AMX, the CPU repack buffer), whose
+    matmul kernels differ from the plain CPU ones. None lets the build decide (on, except on
+    unpatched AMX builds); False forces the plain CPU kernels; True forces them on (an unpatched
+    AMX build then crashes on quantized models, llama.cpp #20824). ``self.extra_buffers`` is
+    the value in effect.
+    """
+
+    def __init__(self, path: Path, n_gpu_layers: int | None = None, extra_buffers: bool | None = None):
         _init_backend()
         params = ll.llama_model_default_params()
         if n_gpu_layers is not None:  # None keeps llama.cpp's default: offload where a GPU backend exists
             params.n_gpu_layers = n_gpu_layers
         info = build_info()
-        if info.amx and not info.has_patch("amx-tile-config"):
+        if extra_buffers is not None:
+            params.use_extra_bufts = extra_buffers
+        elif info.amx and not info.has_patch("amx-tile-config"):
             # Stock ggml's AMX path dies with SIGILL on every quantized model (llama.cpp #20824);
             # lfm2edge's patch fixes it, so only unpatched AMX builds skip the AMX buffers.
             params.use_extra_bufts = False
+        self.extra_buffers = bool(params.use_extra_bufts)
         self._model = ll.llama_model_load_from_file(str(path).encode(), params)
         if not self._model:
             raise ModelFileError(f"llama.cpp could not load {path}; run `lfm2edge inspect {path}` to see why")
@@ -129,9 +142,23 @@ class EmbeddingContext:
     ``exact=True`` turns flash attention off and keeps the KV cache in F32 (about 2e-6
     relative error per token against the reference); ``exact=False`` uses flash attention
     with an F16 cache (about 1e-3, faster on long inputs).
+
+    ``eval_callback`` (profiling, e.g. ``lfm2edge.bench.profile``; None in normal use) becomes
+    llama.cpp's ``cb_eval``: called as ``eval_callback(tensor_address, ask)`` for each graph
+    node. Answering True to ``ask=True`` makes the scheduler compute that node alone and call
+    again with ``ask=False`` once it is done; returning False then stops the decode. It
+    slows every decode; the outputs stay the same (bit-identical in tests/test_profile.py).
     """
 
-    def __init__(self, model: LlamaModel, n_batch: int, n_seq_max: int, n_threads: int, exact: bool = True):
+    def __init__(
+        self,
+        model: LlamaModel,
+        n_batch: int,
+        n_seq_max: int,
+        n_threads: int,
+        exact: bool = True,
+        eval_callback: Callable[[int, bool], bool] | None = None,
+    ):
         self.model = model
         self.n_batch = n_batch
         self.n_seq_max = min(n_seq_max, MAX_SEQUENCES)
@@ -150,6 +177,15 @@ class EmbeddingContext:
             p.type_k = p.type_v = GGML_TYPE_F32
         else:
             p.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        self._eval_callback = None
+        if eval_callback is not None:
+            # Held by the context: llama.cpp calls it on every decode, and a collected ctypes
+            # callback segfaults.
+            self._eval_callback = ll.ggml_backend_sched_eval_callback(
+                lambda tensor, ask, _user: bool(eval_callback(tensor, ask))
+            )
+            p.cb_eval = self._eval_callback
+            p.cb_eval_user_data = None
         self._ctx = ll.llama_init_from_model(model._model, p)
         if not self._ctx:
             raise ModelFileError("llama.cpp could not create a context (out of memory for this batch size?)")

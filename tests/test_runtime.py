@@ -281,3 +281,12 @@ def test_rerank_orders_by_score(kind, sample, request):
     assert np.all(np.diff(ranking.scores) <= 0)
     scores = enc.similarity(enc.encode_query(query), enc.encode_document(docs))
     assert np.array_equal(ranking.indices, np.argsort(-scores, kind="stable")[:5])
+
+
+def test_extra_buffers_can_be_switched_off(colbert_gguf):
+    # llama.cpp's CPU extra buffer types (AMX, repack) off: the plain kernels, the same vectors (f32 weights).
+    with lfm2edge.load(colbert_gguf, n_threads=1, extra_buffers=False) as off, \
+            lfm2edge.load(colbert_gguf, n_threads=1) as default:
+        assert off.extra_buffers is False and isinstance(default.extra_buffers, bool)
+        np.testing.assert_allclose(off.encode_query("reset my password"), default.encode_query("reset my password"),
+                                   atol=1e-5)
