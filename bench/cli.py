@@ -60,7 +60,8 @@ def bench(
              "checkpoints of the real shape (only the latency is real)", show_default=False)] = None,
     formats: Annotated[str | None, typer.Option(
         "--formats", help="comma-separated GGUF types to convert to and measure, e.g. f16,bf16,q8_0,q4_k_m "
-                          "(default: f16,q8_0 for ColBERT, q8_0 for Embedding)", show_default=False)] = None,
+                          "(default: f16,q8_0 for ColBERT, q8_0 for Embedding; bf16 added where it runs on AMX tiles)",
+                          show_default=False)] = None,
     threads: Annotated[int | None, typer.Option(
         "--threads", "-t", help="threads for llama.cpp and PyTorch alike (default: all cores)",
         show_default=False)] = None,
@@ -96,6 +97,12 @@ def bench(
         "--stock-python", help="Python of a venv with the stock llama-cpp-python build (LFM2EDGE_PATCHES=0) "
                                "and lfm2edge installed: its llama.cpp sides run too, so the patches' gain shows",
         show_default=False)] = None,
+    amx_off_side: Annotated[bool | None, typer.Option(
+        "--amx-off-side/--no-amx-off-side",
+        help="also measure each GGUF with llama.cpp's CPU extra buffer types (AMX, repack) off, as a side "
+             "labelled '<format> AMX off' ('no extra bufts' without AMX); default: for the formats AMX tiles run "
+             "(quantized; bf16 with patch llama.cpp/0004) where this CPU and build run AMX",
+        show_default=False)] = None,
 ) -> None:
     """Benchmark the retrievers: p50/p95/p99 per regime, throughput, load time, memory and fidelity,
     with the PyTorch reference (fp32, bf16) measured side by side in the same run.
@@ -128,6 +135,7 @@ def bench(
         vs_torch=vs_torch,
         quick=quick,
         stock_python=stock_python,
+        amx_off_side=amx_off_side,
         cache_dir=(cache_dir or default_cache_dir()).expanduser(),
         command=" ".join(["lfm2edge", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "lfm2edge bench",
     )

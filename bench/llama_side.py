@@ -23,6 +23,7 @@ class LlamaEngine:
         self.colbert = isinstance(encoder, ColBERTEncoder)
         self.dim = int(encoder.dim)
         self.query_expansion: str | None = encoder.query_expansion if self.colbert else None
+        self.extra_buffers: bool | None = getattr(encoder, "extra_buffers", None)
 
     def query_length(self, text: str) -> int:
         e, s = self.encoder, self.encoder.settings
@@ -62,7 +63,9 @@ def _load(spec: SideSpec, query_expansion: str | None):
     import lfm2edge
 
     tokens = max(1024, max(spec.batch_sizes) * spec.plan.document_tokens, spec.plan.query_tokens)
-    kwargs = {"query_expansion": query_expansion} if spec.colbert and query_expansion else {}
+    kwargs: dict[str, object] = {"query_expansion": query_expansion} if spec.colbert and query_expansion else {}
+    if spec.extra_buffers is not None:  # only when asked: an older lfm2edge (a stock venv's) lacks the option
+        kwargs["extra_buffers"] = spec.extra_buffers
     return lfm2edge.load(spec.path, n_threads=spec.threads, exact=spec.exact, max_batch_tokens=tokens, **kwargs)
 
 

@@ -68,6 +68,14 @@ def load_average() -> list[float] | None:
         return None
 
 
+def _maxsim_backend() -> str:
+    """What scores MaxSim here at ColBERT's 128 dims: "kernel avx512", "kernel avx2" or "numpy"."""
+    from lfm2edge.runtime.maxsim import kernel_path
+
+    path = kernel_path(128)
+    return f"kernel {path}" if path else "numpy"
+
+
 def describe_machine(threads: int) -> dict:
     """Everything the JSON's ``machine`` object holds (see bench/README.md)."""
     from lfm2edge.runtime.build import build_info
@@ -96,6 +104,7 @@ def describe_machine(threads: int) -> dict:
         "torch": _version("torch"),
         "transformers": _version("transformers"),
         "load_average_start": load_average(),
+        "maxsim_backend": _maxsim_backend(),
         "llama_cpp": {
             "binding_version": b.binding_version,
             "commit": b.llama_cpp_commit or None,
@@ -106,6 +115,23 @@ def describe_machine(threads: int) -> dict:
             "amx": b.amx,
         },
     }
+
+
+def amx_usable() -> bool:
+    """Whether llama.cpp's AMX path can run here: a build compiled with AMX on a CPU that has AMX-INT8."""
+    from lfm2edge.runtime.build import build_info
+
+    return build_info().amx and "amx_int8" in _cpuinfo()[1]
+
+
+def bf16_on_amx() -> bool:
+    """Whether bf16 GGUFs run on AMX tiles here: lfm2edge's patch llama.cpp/0004, built with AMX-BF16, on a
+    CPU that has it."""
+    from lfm2edge.runtime.build import build_info
+
+    info = build_info()
+    return (amx_usable() and info.has_patch("amx-bf16") and "-DGGML_AMX_BF16=ON" in info.cmake_args
+            and "amx_bf16" in _cpuinfo()[1])
 
 
 def system_busy_seconds() -> float | None:

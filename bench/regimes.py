@@ -72,6 +72,7 @@ class SideSpec:
     exact: bool = True  # llama.cpp only
     query_expansion: str | None = None  # torch: mirror the llama.cpp side's mode
     python: str | None = None  # another interpreter (e.g. a stock llama.cpp build); None: this one
+    extra_buffers: bool | None = None  # llama.cpp's CPU extra buffer types (AMX, repack); None: the build decides
 
     @property
     def colbert(self) -> bool:
@@ -269,6 +270,7 @@ def run_measurements(
         document_tokens=spec.plan.document_tokens,
         query_expansion=engine.query_expansion,
         exact=spec.exact if spec.engine == "llama.cpp" else None,
+        extra_buffers=getattr(engine, "extra_buffers", None),
         details=details,
     )
     return SideOutput(

@@ -122,7 +122,8 @@ def print_report(result: BenchResult, console: Console) -> None:
     )
     console.print(
         f"llama-cpp-python {ll['binding_version']} (llama.cpp {(ll['commit'] or 'unknown')[:7]}), patches: "
-        f"{', '.join(ll['patches']) or 'none (stock)'}; torch {m.get('torch') or 'not installed'}"
+        f"{', '.join(ll['patches']) or 'none (stock)'}; torch {m.get('torch') or 'not installed'}; "
+        f"MaxSim: {m.get('maxsim_backend', 'numpy')}"
     )
     for model in result.models:
         console.print()

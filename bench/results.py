@@ -120,6 +120,7 @@ class SideResult:
     document_tokens: int  # verified positions per document decode
     query_expansion: str | None
     exact: bool | None  # llama.cpp: flash attention off (True) or on; torch: None
+    extra_buffers: bool | None = None  # llama.cpp: CPU extra buffer types (AMX, repack) in use; torch: None
     details: dict[str, str] = field(default_factory=dict)  # versions, build description
     fidelity: Fidelity | None = None
     cpu_s: float = 0.0  # CPU time of the side's process (all threads)

@@ -1,9 +1,10 @@
 """A whole bench run: prepare the models, measure each side in its own process, compare the sides.
 
 Sides run one after another, never concurrently. Per model: the llama.cpp formats first
-(their ColBERT query-expansion mode is then mirrored by PyTorch), then PyTorch fp32 (the
-fidelity reference) and bf16. Afterwards every figure gets its ratio to PyTorch and every
-side but fp32 its fidelity.
+(their ColBERT query-expansion mode is then mirrored by PyTorch), then the same files with
+llama.cpp's CPU extra buffer types off ("AMX off", where asked or by default on AMX machines),
+then the stock build's (``--stock-python``), then PyTorch fp32 (the fidelity reference) and
+bf16. Afterwards every figure gets its ratio to PyTorch and every side but fp32 its fidelity.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from lfm2edge.bench import artifacts, fidelity
-from lfm2edge.bench.machine import describe_machine, load_average, system_busy_seconds
+from lfm2edge.bench.machine import amx_usable, describe_machine, load_average, system_busy_seconds
 from lfm2edge.bench.regimes import Plan, SideSpec, figure_plan
 from lfm2edge.bench.results import (
     DOCUMENT_BATCH,
@@ -37,6 +38,18 @@ from lfm2edge.bench.results import (
 from lfm2edge.bench.worker import child_main
 
 TORCH_DTYPES = ("fp32", "bf16")
+# GGUF types whose matmuls ggml's AMX buffer runs on AMX tiles (amx/common.h qtype_has_amx_kernels; q4_k_m
+# and q5_k_m are mostly Q4_K/Q5_K with Q6_K tensors), plus bf16 with lfm2edge's patch llama.cpp/0004.
+# f16 weights go to the AMX buffer too but run AVX-512 kernels there, so no default AMX-off side for f16.
+AMX_QUANTIZED_FORMATS = ("q4_0", "q4_1", "q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "iq4_xs")
+
+
+def amx_tile_formats() -> tuple[str, ...]:
+    from lfm2edge.runtime.build import build_info
+
+    return AMX_QUANTIZED_FORMATS + (("bf16",) if build_info().has_patch("amx-bf16") else ())
+
+
 BUSY_LOAD = 0.5  # a 1-minute load average above this at the start means someone else is using the CPU
 BUSY_SHARE = 0.05  # other processes using more than this share of the machine during a side
 
@@ -64,6 +77,9 @@ class BenchConfig:
     cache_dir: Path = artifacts.default_cache_dir()
     command: str = "lfm2edge bench"
     stock_python: str | None = None  # interpreter with the stock build: its llama.cpp sides run too
+    # The same GGUFs with llama.cpp's CPU extra buffer types off, as extra sides: True for every format,
+    # False never, None for the quantized formats AMX takes, where this machine and build run AMX.
+    amx_off_side: bool | None = None
 
 
 def torch_available() -> bool:
@@ -81,15 +97,30 @@ def prepare_models(config: BenchConfig, reporter: Reporter) -> list[artifacts.Mo
                                     config.threads, reporter.status)]
 
 
+def amx_off_label(fmt: str, amx: bool) -> str:
+    """The format label of a side with extra buffers off: "q8_0 AMX off" where AMX would run."""
+    return f"{fmt} AMX off" if amx else f"{fmt} no extra bufts"
+
+
 def side_specs(model: artifacts.ModelSpec, config: BenchConfig) -> list[SideSpec]:
     specs = [
         SideSpec(model.name, model.kind, ENGINE_LLAMA, fmt, str(path), config.threads, config.plan, config.exact)
         for fmt, path in model.ggufs
     ]
+    if config.amx_off_side is not False:  # AMX on vs off in one run: same file, same process kind
+        amx = amx_usable()
+        forced = config.amx_off_side is True
+        tiles = amx_tile_formats()
+        specs += [
+            replace(s, format=amx_off_label(s.format, amx), extra_buffers=False)
+            for s in specs
+            if forced or (amx and s.format in tiles)
+        ]
     if config.stock_python:  # the same files through the stock build, so the patches' gain shows
         specs += [
             replace(s, format=f"{s.format} stock", python=config.stock_python)
             for s in specs
+            if s.extra_buffers is None  # the stock build keeps its own choice
         ]
     if config.vs_torch and model.checkpoint is not None:
         specs += [
@@ -294,6 +325,7 @@ def run_bench(config: BenchConfig, reporter: Reporter) -> BenchResult:
         "exact": config.exact,
         "vs_torch": config.vs_torch,
         "quick": config.quick,
+        "amx_off_side": config.amx_off_side,
         "query_tokens": p.query_tokens,
         "document_tokens": p.document_tokens,
         "queries": p.n_queries,

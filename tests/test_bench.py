@@ -22,7 +22,7 @@ LLAMA_KEYS = {"binding_version", "commit", "patches", "patched", "system_info"}
 MODEL_KEYS = {"name", "kind", "source", "random_weights", "reference", "inputs_identical", "sides", "errors"}
 SIDE_KEYS = {"model", "kind", "engine", "format", "label", "path", "file_size_bytes", "threads", "load_s",
              "first_call_ms", "memory", "figures", "texts_digest", "query_tokens", "document_tokens",
-             "query_expansion", "exact", "fidelity"}
+             "query_expansion", "exact", "extra_buffers", "fidelity"}
 FIGURE_KEYS = {"regime", "label", "summary", "samples_ms", "docs", "k", "batch_size", "items_per_run",
                "tokens_per_run", "items_per_s", "tokens_per_s", "best", "vs_torch"}
 SUMMARY_KEYS = {"n", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "std_ms"}
@@ -53,6 +53,8 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str
         "--json", str(json_path), "--plot", str(png_path),
         # a second interpreter's llama.cpp sides (here the same one): the stock-build comparison's plumbing
         "--stock-python", sys.executable,
+        # every GGUF again with llama.cpp's CPU extra buffers off, whether or not this machine has AMX
+        "--amx-off-side",
     ])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return json.loads(json_path.read_text()), png_path, result.output
@@ -129,8 +131,33 @@ def test_every_row_has_positive_ratios_to_pytorch(quick_run):
 def test_stock_python_sides_run_beside_ours(quick_run):
     data, _, _ = quick_run
     for model in data["models"]:
-        llama = [s["format"] for s in model["sides"] if s["engine"] == "llama.cpp"]
-        assert llama and all(f"{f} stock" in llama for f in llama if not f.endswith(" stock"))
+        ours = [s["format"] for s in model["sides"] if s["engine"] == "llama.cpp" and not _extra_buffers_off(s)]
+        assert ours and all(f"{f} stock" in ours for f in ours if not f.endswith(" stock"))
+
+
+def _extra_buffers_off(side: dict) -> bool:
+    """A side that --amx-off-side added (its label says so, whatever the build would choose)."""
+    return side["format"].endswith((" AMX off", " no extra bufts"))
+
+
+def test_amx_off_sides_run_the_same_files(quick_run):
+    from lfm2edge.bench.runner import amx_off_label
+
+    data, _, _ = quick_run
+    assert data["settings"]["amx_off_side"] is True
+    for model in data["models"]:
+        llama = {s["format"]: s for s in model["sides"] if s["engine"] == "llama.cpp"}
+        plain = [f for f, s in llama.items() if not _extra_buffers_off(s) and not f.endswith(" stock")]
+        assert plain
+        for fmt in plain:
+            off = [llama.get(amx_off_label(fmt, amx)) for amx in (True, False)]
+            off_side = next(s for s in off if s is not None)
+            assert off_side["extra_buffers"] is False and off_side["path"] == llama[fmt]["path"]
+            assert off_side["label"].startswith(f"llama.cpp {fmt} ")
+            assert off_side["fidelity"] is not None and off_side["figures"]
+    for side in (s for m in data["models"] for s in m["sides"]):
+        if side["engine"] == "torch":
+            assert side["extra_buffers"] is None
 
 
 def test_plot_is_a_png(quick_run):
@@ -190,3 +217,25 @@ def test_fidelity_of_identical_vectors():
     assert spearman(np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
     with pytest.raises(ValueError):
         compare(q, d, q, [x[:-1] for x in d], colbert=True)
+
+
+def test_amx_off_sides_by_default_only_where_amx_runs(monkeypatch):
+    from lfm2edge.bench import runner
+    from lfm2edge.bench.artifacts import ModelSpec
+    from lfm2edge.bench.regimes import Plan
+
+    model = ModelSpec("ColBERT", "late_interaction", (("f16", Path("a.gguf")), ("q8_0", Path("b.gguf"))),
+                      None, "test", True)
+
+    def formats(amx_off_side, amx: bool) -> list[tuple[str, bool | None]]:
+        monkeypatch.setattr(runner, "amx_usable", lambda: amx)
+        config = runner.BenchConfig(model=None, formats=None, reference=None, threads=1, plan=Plan(),
+                                    amx_off_side=amx_off_side)
+        return [(s.format, s.extra_buffers) for s in runner.side_specs(model, config)]
+
+    plain = [("f16", None), ("q8_0", None)]
+    assert formats(None, amx=True) == plain + [("q8_0 AMX off", False)]  # f16 does not run on AMX tiles
+    assert formats(None, amx=False) == plain
+    assert formats(True, amx=False) == plain + [("f16 no extra bufts", False), ("q8_0 no extra bufts", False)]
+    assert formats(True, amx=True) == plain + [("f16 AMX off", False), ("q8_0 AMX off", False)]
+    assert formats(False, amx=True) == plain
