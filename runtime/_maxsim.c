@@ -253,7 +253,8 @@ static PyObject *py_score(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "maxsim kernel: path %s does not run here for dimension %d", path, dim);
         goto done;
     }
-    const size_t rows_bytes = 2 * (size_t)R * (dim > KC ? dim : KC) * sizeof(float); /* two blocks */
+    /* two blocks of rows; aligned_alloc wants a multiple of the alignment */
+    const size_t rows_bytes = (2 * (size_t)R * (dim > KC ? dim : KC) * sizeof(float) + 63) / 64 * 64;
     float *rows = aligned_alloc(64, rows_bytes);
     if (!rows) {
         PyErr_NoMemory();

@@ -4,7 +4,7 @@ Documents are packed into one token matrix with offsets. Two backends give the s
 (float32 products and sums, so exact to the float16 rounding of stored vectors):
 - ``kernel``: the C kernel in ``_maxsim.c`` (AVX-512 or AVX2, chosen at run time), which widens,
   multiplies and max-reduces a few rows at a time in registers, split over threads by
-  documents. About 6x faster than numpy over float16 storage on the bench machine.
+  documents. 5-8x faster than numpy over float16 storage on the bench machine.
 - ``numpy``: one GEMM per block of tokens and a segmented max (``np.maximum.reduceat``); used
   where the kernel has no path (Apple Silicon, other dimensions, no compiler at install).
 This is the same sum PyLate computes over kept vectors (its rerank() zero-padding can only
