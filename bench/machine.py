@@ -68,7 +68,7 @@ def load_average() -> list[float] | None:
         return None
 
 
-def _maxsim_backend() -> str:
+def maxsim_backend() -> str:
     """What scores MaxSim here at ColBERT's 128 dims: "kernel avx512", "kernel avx2" or "numpy"."""
     from lfm2edge.runtime.maxsim import kernel_path
 
@@ -104,7 +104,7 @@ def describe_machine(threads: int) -> dict:
         "torch": _version("torch"),
         "transformers": _version("transformers"),
         "load_average_start": load_average(),
-        "maxsim_backend": _maxsim_backend(),
+        "maxsim_backend": maxsim_backend(),
         "llama_cpp": {
             "binding_version": b.binding_version,
             "commit": b.llama_cpp_commit or None,

@@ -12,7 +12,7 @@ measures every figure of one side:
 
 Cached documents are random unit vectors of the real shape [document tokens, dim] in float16
 (``PackedDocuments``): MaxSim's cost depends on their shape, not their values. MaxSim is
-lfm2edge's numpy kernel on every side, so ratios to PyTorch measure the encoders.
+lfm2edge's ``maxsim()`` on every side (C kernel or numpy), so ratios to PyTorch measure the encoders.
 """
 
 from __future__ import annotations

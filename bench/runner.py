@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Protocol
 
 from lfm2edge.bench import artifacts, fidelity
-from lfm2edge.bench.machine import amx_usable, describe_machine, load_average, system_busy_seconds
+from lfm2edge.bench.machine import (
+    amx_usable,
+    describe_machine,
+    load_average,
+    maxsim_backend,
+    system_busy_seconds,
+)
 from lfm2edge.bench.regimes import Plan, SideSpec, figure_plan
 from lfm2edge.bench.results import (
     DOCUMENT_BATCH,
@@ -281,7 +287,8 @@ def standing_notes(config: BenchConfig, models: list[artifacts.ModelSpec], machi
                  "or prompt included), real-looking English, counts checked through each side's tokenizer.")
     if any(m.kind == "late_interaction" for m in models):
         notes.append(f"Cached documents are random unit vectors [{p.document_tokens}, dim] in float16 "
-                     "(MaxSim's cost depends on their shape only); MaxSim is lfm2edge's numpy kernel on every side.")
+                     "(MaxSim's cost depends on their shape only); MaxSim is lfm2edge's maxsim() on every side "
+                     f"({maxsim_backend()}).")
     notes.append("llama.cpp runs exact (flash attention off, F32 KV cache)" if config.exact else
                  "llama.cpp runs with flash attention on (about 1e-3 error per token)")
     if config.vs_torch:
