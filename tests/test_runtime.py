@@ -290,3 +290,17 @@ def test_extra_buffers_can_be_switched_off(colbert_gguf):
         assert off.extra_buffers is False and isinstance(default.extra_buffers, bool)
         np.testing.assert_allclose(off.encode_query("reset my password"), default.encode_query("reset my password"),
                                    atol=1e-5)
+
+
+def test_openmp_spin_is_shortened_unless_the_user_set_it():
+    import os
+    import subprocess
+    import sys
+
+    code = "import lfm2edge, os; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "20000"
+    env["GOMP_SPINCOUNT"] = "5"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "5"
