@@ -95,7 +95,8 @@ def run(spec: SideSpec, progress: Progress) -> SideOutput:
             "binding_version": b.binding_version,
             "llama_cpp_commit": b.llama_cpp_commit,
             "patches": ",".join(b.patches),
-            "flash_attention": "off (exact)" if spec.exact else "on",
+            "flash_attention": (("on, F32 K/V (exact)" if encoder.flash_attention else "off (exact)")
+                                if spec.exact else "on, F16 K/V"),
             **notes,
         }
         return run_measurements(

@@ -194,7 +194,8 @@ def classify(raw: list[tuple]) -> list[Node]:
         elif region == "conv":
             component = "short conv (elementwise)"
         elif region == "attention":
-            component = {"SOFT_MAX": "attention softmax", "ROPE": "attention rope"}.get(op, "attention copies")
+            component = {"SOFT_MAX": "attention softmax", "ROPE": "attention rope",
+                         "FLASH_ATTN_EXT": "attention (flash)"}.get(op, "attention copies")
         elif op in ("SWIGLU", "GEGLU", "REGLU", "GLU", "SILU"):
             component = "ffn swiglu"
         elif op == "ADD":

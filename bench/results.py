@@ -119,7 +119,7 @@ class SideResult:
     query_tokens: int  # verified positions per query decode
     document_tokens: int  # verified positions per document decode
     query_expansion: str | None
-    exact: bool | None  # llama.cpp: flash attention off (True) or on; torch: None
+    exact: bool | None  # llama.cpp: F32 K/V, exact (True) or flash attention over F16 K/V; torch: None
     extra_buffers: bool | None = None  # llama.cpp: CPU extra buffer types (AMX, repack) in use; torch: None
     details: dict[str, str] = field(default_factory=dict)  # versions, build description
     fidelity: Fidelity | None = None

@@ -289,7 +289,7 @@ def standing_notes(config: BenchConfig, models: list[artifacts.ModelSpec], machi
         notes.append(f"Cached documents are random unit vectors [{p.document_tokens}, dim] in float16 "
                      "(MaxSim's cost depends on their shape only); MaxSim is lfm2edge's maxsim() on every side "
                      f"({maxsim_backend()}).")
-    notes.append("llama.cpp runs exact (flash attention off, F32 KV cache)" if config.exact else
+    notes.append("llama.cpp runs exact (F32 K and V; flash attention over them where patch 0005 is built)" if config.exact else
                  "llama.cpp runs with flash attention on (about 1e-3 error per token)")
     if config.vs_torch:
         notes.append("PyTorch: lfm2edge's reference, one unpadded sequence per call, torch.set_num_threads = "

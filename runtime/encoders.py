@@ -106,6 +106,11 @@ class Encoder:
         return self._model.n_embd_out
 
     @property
+    def flash_attention(self) -> bool:
+        """Whether decodes run llama.cpp's flash attention (in exact mode over F32 K and V, patch 0005)."""
+        return self._ctx.flash_attention
+
+    @property
     def extra_buffers(self) -> bool:
         """Whether llama.cpp's CPU extra buffer types (AMX, repack) are in use for this model."""
         return self._model.extra_buffers

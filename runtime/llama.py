@@ -139,9 +139,11 @@ class LlamaModel:
 class EmbeddingContext:
     """One llama.cpp context in embedding mode. Not thread-safe: the encoder holds a lock.
 
-    ``exact=True`` turns flash attention off and keeps the KV cache in F32 (about 2e-6
-    relative error per token against the reference); ``exact=False`` uses flash attention
-    with an F16 cache (about 1e-3, faster on long inputs).
+    ``exact=True`` keeps K and V in F32 (about 2e-6 relative error per token against the
+    reference): with lfm2edge's patch ``llama.cpp/0005`` through flash attention, whose CPU
+    kernel then reads them in F32 and gives the same vectors faster; without it, flash
+    attention stays off, because stock llama.cpp casts K and V to F16 for it.
+    ``exact=False`` uses flash attention with F16 K and V (about 1e-3).
 
     ``eval_callback`` (profiling, e.g. ``lfm2edge.bench.profile``; None in normal use) becomes
     llama.cpp's ``cb_eval``: called as ``eval_callback(tensor_address, ask)`` for each graph
@@ -173,10 +175,13 @@ class EmbeddingContext:
         p.kv_unified = True
         p.no_perf = True
         if exact:
-            p.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
             p.type_k = p.type_v = GGML_TYPE_F32
+            self.flash_attention = build_info().has_patch("flash-attention-f32")
         else:
-            p.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            self.flash_attention = True
+        p.flash_attn_type = (
+            ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attention else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         self._eval_callback = None
         if eval_callback is not None:
             # Held by the context: llama.cpp calls it on every decode, and a collected ctypes

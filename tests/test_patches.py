@@ -134,3 +134,22 @@ def test_models_run_on_amx(outtype, bidirectional, tmp_path):
     rows, cosine = proc.stdout.split()
     # a row count that is not a multiple of the kernels' 32-row blocks; agrees with f32 (no AMX)
     assert int(rows) % 32 and int(rows) > 32 and float(cosine) >= 0.99
+
+
+def test_exact_mode_runs_flash_attention_over_f32(colbert_gguf, colbert_reference, sample):
+    """The flash-attention-f32 patch: exact mode runs flash attention, K and V stay F32, and the vectors
+    keep the exact bar against the reference (a cast to F16 costs about 1e-3 per token)."""
+    import lfm2edge
+    from lfm2edge.runtime.build import build_info
+
+    require_patch(build_info().has_patch("flash-attention-f32"), "flash-attention-f32")
+    texts = list(sample[1][:24])
+    with lfm2edge.load(colbert_gguf, n_threads=2) as exact, lfm2edge.load(colbert_gguf, n_threads=2,
+                                                                          exact=False) as fast:
+        assert exact.flash_attention and fast.flash_attention
+        ours, theirs = exact.encode_document(texts), colbert_reference.encode_document(texts)
+        f16 = fast.encode_document(texts)
+    worst = min(row_cosines(a, b).min() for a, b in zip(ours, theirs, strict=True))
+    worst_f16 = min(row_cosines(a, b).min() for a, b in zip(f16, theirs, strict=True))
+    assert worst >= 0.99999
+    assert worst_f16 < worst  # F16 K and V round; F32 do not
