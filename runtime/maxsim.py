@@ -97,6 +97,8 @@ def maxsim(
     ``backend`` "auto" takes the kernel where it runs, else numpy; ``threads`` (kernel only)
     defaults to the CPUs this process may use.
     """
+    if backend not in ("auto", "kernel", "numpy"):
+        raise InvalidInputError(f"backend must be 'auto', 'kernel' or 'numpy', not {backend!r}")
     docs = (
         documents if isinstance(documents, PackedDocuments) else PackedDocuments.pack(documents, np.float32)
     )

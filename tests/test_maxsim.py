@@ -87,6 +87,8 @@ def test_backends_and_bad_input():
     np.testing.assert_allclose(maxsim(q, docs), maxsim(q, docs, backend="numpy"))
     with pytest.raises(InvalidInputError, match="kernel does not run"):
         maxsim(q, docs, backend="kernel")
+    with pytest.raises(InvalidInputError, match="backend must be"):
+        maxsim(q, docs, backend="blas")
     with pytest.raises(InvalidInputError, match="offsets"):
         PackedDocuments(np.zeros((5, 8), np.float16), np.array([0, 3, 9]))
     with pytest.raises(InvalidInputError, match="at least one vector"):
