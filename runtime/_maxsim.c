@@ -52,8 +52,8 @@ typedef struct {
     int64_t d, end;
 } Cursor;
 
-/* Fold row scores into the running max of their document, finishing documents as rows pass
- * their ends. best holds QW floats; total is the score so far of the current document. */
+/* Finish the cursor's document: its score is the sum of the first `lanes` per-query maxima in
+ * best (QW floats), written on the first pass and added on later ones; then move to the next. */
 static inline void finish_doc(const Job *job, Cursor *c, const float *best, int lanes, int first_pass) {
     float s = 0.0f;
     for (int j = 0; j < lanes; j++) s += best[j];
