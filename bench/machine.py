@@ -129,9 +129,7 @@ def bf16_on_amx() -> bool:
     CPU that has it."""
     from lfm2edge.runtime.build import build_info
 
-    info = build_info()
-    return (amx_usable() and info.has_patch("amx-bf16") and "-DGGML_AMX_BF16=ON" in info.cmake_args
-            and "amx_bf16" in _cpuinfo()[1])
+    return amx_usable() and build_info().bf16_on_amx and "amx_bf16" in _cpuinfo()[1]
 
 
 def system_busy_seconds() -> float | None:

@@ -39,6 +39,16 @@ class BuildInfo:
     def amx(self) -> bool:
         return "AMX_INT8 = 1" in self.system_info
 
+    @property
+    def bf16_on_amx(self) -> bool:
+        """Whether bf16 GGUFs run on AMX tiles: patch llama.cpp/0004, built with AMX-BF16 (build.py
+        turns it on only where the CPU has it)."""
+        return self.amx and self.has_patch("amx-bf16") and "-DGGML_AMX_BF16=ON" in self.cmake_args
+
+    def fastest_type(self) -> str:
+        """The GGUF type to convert to for speed on this build: bf16 where it runs on AMX, else q8_0."""
+        return "bf16" if self.bf16_on_amx else "q8_0"
+
     def describe(self) -> str:
         commit = self.llama_cpp_commit[:7] or "unknown commit"
         patches = ", ".join(self.patches) if self.patches else "none (stock build)"

@@ -1,4 +1,4 @@
-"""``make demo``: checkpoint -> q8_0 GGUF -> multilingual FAQ search, with query latency.
+"""``make demo``: checkpoint -> GGUF (bf16 where it runs on AMX, else q8_0) -> multilingual FAQ search, with query latency.
 
 MODEL is a hub id (default LiquidAI/LFM2.5-ColBERT-350M), a checkpoint folder or a GGUF.
 Where the hub cannot be reached, a full-size random checkpoint of the real shape stands in:
@@ -73,8 +73,11 @@ def prepare_model(model: str, outtype: str) -> tuple[Path, bool]:
     return out, random_weights
 
 
-def run(model: str, outtype: str = "q8_0", threads: int | None = None, top_k: int = 3) -> None:
+def run(model: str, outtype: str | None = None, threads: int | None = None, top_k: int = 3) -> None:
     import lfm2edge
+    from lfm2edge.runtime.build import build_info
+
+    outtype = outtype or build_info().fastest_type()
 
     gguf, random_weights = prepare_model(model, outtype)
     enc = lfm2edge.load(gguf, n_threads=threads)
@@ -108,7 +111,7 @@ def run(model: str, outtype: str = "q8_0", threads: int | None = None, top_k: in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, checkpoint folder or GGUF")
-    parser.add_argument("--outtype", default="q8_0")
+    parser.add_argument("--outtype", default=None, help="GGUF type (default: bf16 where it runs on AMX, else q8_0)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     try:

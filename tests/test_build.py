@@ -147,3 +147,15 @@ def test_package_maps_one_import_package():
     packages = project["tool"]["setuptools"]["packages"]
     assert all(p == "lfm2edge" or p.startswith("lfm2edge.") for p in packages)
     assert project["project"]["scripts"]["lfm2edge"] == "lfm2edge.cli:main"
+
+
+def test_fastest_type_is_bf16_only_where_it_runs_on_amx():
+    from lfm2edge.runtime.build import BuildInfo
+
+    amx_info = "CPU : AVX512 = 1 | AMX_INT8 = 1 |"
+    patched = ("llama.cpp/0003-amx-tile-config-barrier.patch", "llama.cpp/0004-amx-bf16-matmul.patch")
+    flags = ("-DGGML_AMX_INT8=ON", "-DGGML_AMX_BF16=ON")
+    assert BuildInfo("0.3.36", "c", patched, flags, amx_info).fastest_type() == "bf16"
+    assert BuildInfo("0.3.36", "c", patched[:1], flags, amx_info).fastest_type() == "q8_0"  # no bf16 kernel
+    assert BuildInfo("0.3.36", "c", patched, flags[:1], amx_info).fastest_type() == "q8_0"  # built without AMX-BF16
+    assert BuildInfo("0.3.36", "c", patched, flags, "CPU : AVX512 = 1 |").fastest_type() == "q8_0"  # no AMX
