@@ -53,7 +53,7 @@ AMX_QUANTIZED_FORMATS = ("q4_0", "q4_1", "q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "
 def amx_tile_formats() -> tuple[str, ...]:
     from lfm2edge.runtime.build import build_info
 
-    return AMX_QUANTIZED_FORMATS + (("bf16",) if build_info().has_patch("amx-bf16") else ())
+    return AMX_QUANTIZED_FORMATS + (("bf16",) if build_info().bf16_on_amx else ())
 
 
 BUSY_LOAD = 0.5  # a 1-minute load average above this at the start means someone else is using the CPU

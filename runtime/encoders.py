@@ -20,9 +20,9 @@ from typing import Literal
 
 import numpy as np
 
-from lfm2edge.runtime.build import BuildInfo, check_build
+from lfm2edge.runtime.build import BuildInfo, check_build, default_threads
 from lfm2edge.runtime.errors import FeatureUnavailableError, InvalidInputError, ModelFileError
-from lfm2edge.runtime.llama import EmbeddingContext, LlamaModel, default_threads, supports_key_mask
+from lfm2edge.runtime.llama import EmbeddingContext, LlamaModel, supports_key_mask
 from lfm2edge.runtime.maxsim import PackedDocuments, maxsim
 from lfm2edge.runtime.model_file import ModelFile, describe
 from lfm2edge.runtime.settings import ModelKind, RetrievalSettings

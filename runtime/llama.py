@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -73,10 +72,6 @@ def _init_backend() -> None:
             ll.llama_log_set(_log_callback, ctypes.c_void_p(0))
             ll.llama_backend_init()
             _backend_ready = True
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 class LlamaModel:

@@ -13,7 +13,6 @@ differ when every similarity of a query token is negative).
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from typing import Literal
 
 import numpy as np
 
+from lfm2edge.runtime.build import default_threads
 from lfm2edge.runtime.errors import InvalidInputError
 
 try:
@@ -135,10 +135,6 @@ def _query_panels(query: np.ndarray) -> np.ndarray:
     return panels
 
 
-def _threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
@@ -148,7 +144,7 @@ def _thread_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="lfm2edge-maxsim")
+            _pool = ThreadPoolExecutor(max_workers=default_threads(), thread_name_prefix="lfm2edge-maxsim")
         return _pool
 
 
@@ -158,7 +154,7 @@ def _maxsim_kernel(query: np.ndarray, docs: PackedDocuments, path: str, threads:
     offsets = np.ascontiguousarray(docs.offsets, dtype=np.int64)
     is_f16 = int(vectors.dtype == np.float16)
     out = np.empty(len(docs), dtype=np.float32)
-    n_threads = max(1, min(threads or _threads(), len(docs), int(offsets[-1]) // THREAD_MIN_TOKENS or 1))
+    n_threads = max(1, min(threads or default_threads(), len(docs), int(offsets[-1]) // THREAD_MIN_TOKENS or 1))
     # Contiguous runs of documents with about the same number of tokens each.
     cuts = np.searchsorted(offsets, np.linspace(0, offsets[-1], n_threads + 1)[1:-1])
     bounds = [0, *sorted(set(int(c) for c in cuts) - {0, len(docs)}), len(docs)]
