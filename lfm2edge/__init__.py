@@ -37,6 +37,8 @@ _EXPORTS = {
     "ModelFileError": "lfm2edge.runtime.errors",
     "UnsupportedBuildError": "lfm2edge.runtime.errors",
     "FeatureUnavailableError": "lfm2edge.runtime.errors",
+    "EncoderClosedError": "lfm2edge.runtime.errors",
+    "DecodeError": "lfm2edge.runtime.errors",
     "convert": "lfm2edge.convert.pipeline",
     "Index": "lfm2edge.runtime.index",
     "Hit": "lfm2edge.runtime.index",

@@ -36,3 +36,11 @@ class ConversionError(Lfm2EdgeError):
 
 class VerificationError(Lfm2EdgeError):
     """A GGUF's outputs fell below the fidelity thresholds against the reference."""
+
+
+class EncoderClosedError(Lfm2EdgeError):
+    """An encoder was used after ``close()`` (or while it was closing)."""
+
+
+class DecodeError(Lfm2EdgeError, RuntimeError):
+    """llama.cpp refused or failed a decode; the model and context stay usable."""
