@@ -8,29 +8,47 @@ sentence-transformers (dense) and PyLate (ColBERT) prepare them (notes §3).
 Thread safety: each encoder owns one llama.cpp context guarded by a lock, so calls from
 several threads are safe; their decodes run one at a time (llama.cpp already uses every
 thread you give it inside one decode).
+
+Lifecycle: ``close()`` takes the same lock, so it waits for a decode in flight, then frees the
+model; every later call (and the rest of an encode that was running) raises
+``EncoderClosedError``. An empty list of texts gives an empty result of the usual shape.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from lfm2edge.runtime.build import BuildInfo, check_build, default_threads
-from lfm2edge.runtime.errors import FeatureUnavailableError, InvalidInputError, ModelFileError
+from lfm2edge.runtime.build import BuildInfo, check_build
+from lfm2edge.runtime.cpu import ThreadPolicy, default_threads
+from lfm2edge.runtime.errors import (
+    EncoderClosedError,
+    FeatureUnavailableError,
+    InvalidInputError,
+    ModelFileError,
+)
 from lfm2edge.runtime.llama import EmbeddingContext, LlamaModel, supports_key_mask
 from lfm2edge.runtime.maxsim import PackedDocuments, maxsim
 from lfm2edge.runtime.model_file import ModelFile, describe
 from lfm2edge.runtime.settings import ModelKind, RetrievalSettings
+from lfm2edge.runtime.text import check_text, check_texts
 
 QueryExpansion = Literal["pylate", "attended", "none"]
 QUERY_EXPANSION_MODES: tuple[str, ...] = ("pylate", "attended", "none")
 # The context's token capacity per decode (at least the longest sequence).
 DEFAULT_BATCH_TOKENS = 512
+# The most max_batch_tokens may ask for: llama.cpp sizes the context and its compute buffer for
+# this many tokens at load (without flash attention the attention scores grow with its square),
+# and the longest sequence of either model is 512 tokens.
+MAX_BATCH_TOKENS = 32768
+# ggml's thread limit (GGML_MAX_N_THREADS).
+MAX_THREADS = 512
 # Sequences are packed into decode calls of about this many tokens. With the no-memory patch
 # a call's sequences share one micro-batch whose attention spans all of its tokens (masked
 # block-diagonally): on the 350M model 8 queries (256 tokens) per call beat one per call by
@@ -48,25 +66,14 @@ class Ranking:
     scores: np.ndarray  # float32
 
 
-def _check_texts(texts: object) -> tuple[list[str], bool]:
-    """(texts as a list, whether a single string came in); a clear error for anything else."""
-    if isinstance(texts, str):
-        items, single = [texts], True
-    elif isinstance(texts, (bytes, bytearray)):
-        raise InvalidInputError("texts must be str, not bytes: decode them first, e.g. data.decode('utf-8')")
-    elif texts is None:
-        raise InvalidInputError("texts is None: pass a string or a list of strings")
-    elif isinstance(texts, Sequence) or isinstance(texts, np.ndarray):
-        items, single = list(texts), False
-    else:
-        raise InvalidInputError(f"texts must be a string or a list of strings, not {type(texts).__name__}")
-    for i, t in enumerate(items):
-        if not isinstance(t, str):
-            hint = " (decode bytes first)" if isinstance(t, (bytes, bytearray)) else ""
-            raise InvalidInputError(f"text {i} is {type(t).__name__}, not str{hint}")
-        if not t.strip():
-            raise InvalidInputError(f"text {i} is empty or only whitespace; remove it or give it content")
-    return items, single
+def _check_count(name: str, value: object, high: int | None = None, hint: str = "") -> int:
+    """``value`` as an int in [1, high], or InvalidInputError naming the bound (bools are not counts)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidInputError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 1 or (high is not None and value > high):
+        bound = "at least 1" if high is None else f"between 1 and {high}"
+        raise InvalidInputError(f"{name} must be {bound}, got {value}{hint}")
+    return int(value)
 
 
 def _normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -87,6 +94,7 @@ class Encoder:
         n_threads: int,
         exact: bool,
         max_batch_tokens: int,
+        adaptive_threads: bool = True,
     ):
         assert model_file.settings is not None
         self.path: Path = model_file.path
@@ -94,12 +102,40 @@ class Encoder:
         self.settings: RetrievalSettings = model_file.settings
         self.build = build
         self.n_threads = n_threads
+        self.thread_policy = ThreadPolicy(n_threads, adaptive_threads)
         self.exact = exact
         self._model = model
-        longest = max(self.settings.query_length, self.settings.document_length)
-        self.max_batch_tokens = max(max_batch_tokens, longest)
+        self.max_batch_tokens = max(max_batch_tokens, _longest_sequence(self.settings, self.path))
         self._ctx = EmbeddingContext(model, self.max_batch_tokens, MAX_SEQUENCES_PER_CALL, n_threads, exact)
+        # Held for every use of llama.cpp (tokenize, decode) and by close(): nothing is freed in use.
         self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """Whether close() was called: calls now raise EncoderClosedError."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EncoderClosedError(
+                f"this encoder of {self.path} is closed; load it again with "
+                f"lfm2edge.load({str(self.path)!r}) to keep using it"
+            )
+
+    @contextmanager
+    def _llama(self) -> Iterator[None]:
+        """The lock, with the model open: checked under the lock, so close() cannot free it meanwhile."""
+        with self._lock:
+            self._check_open()
+            yield
+
+    def _start(self, texts: object, batch_size: object, what: str = "text") -> tuple[list[str], bool]:
+        """(the checked texts, whether one string came in), once the encoder is open and the options valid."""
+        self._check_open()
+        items, single = check_texts(texts, what)
+        _check_count("batch_size", batch_size, hint="; it is the number of texts per decode")
+        return items, single
 
     @property
     def dim(self) -> int:
@@ -117,7 +153,10 @@ class Encoder:
 
     def tokenize(self, text: str) -> np.ndarray:
         """Token ids as the model's HF tokenizer gives them (BOS first, added tokens matched)."""
-        return self._model.tokenize(text, add_bos=True)
+        if not isinstance(text, str):
+            raise InvalidInputError(f"tokenize takes a str, not {type(text).__name__}")
+        with self._llama():  # the vocabulary is freed by close()
+            return self._model.tokenize(text, add_bos=True)
 
     def _decode_all(
         self,
@@ -127,8 +166,6 @@ class Encoder:
         keys: list[np.ndarray] | None = None,
     ) -> list[np.ndarray]:
         """Decode every sequence, packing consecutive ones into calls of bounded tokens and count."""
-        if batch_size < 1:
-            raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
         per_call = min(batch_size, MAX_SEQUENCES_PER_CALL)
         outputs: list[np.ndarray] = []
         bar = _progress(len(sequences), show_progress_bar)
@@ -139,16 +176,37 @@ class Encoder:
             while end < len(sequences) and end - start < per_call and tokens + len(sequences[end]) <= budget:
                 tokens += len(sequences[end])
                 end += 1
-            with self._lock:
+            # Checked before every call: a close() from another thread ends a long encode here.
+            with self._llama():
+                self._ctx.set_threads(self.thread_policy.threads())
                 outputs.extend(self._ctx.decode(sequences[start:end], None if keys is None else keys[start:end]))
             bar(end - start)
             start = end
         bar(0, close=True)
         return outputs
 
+    def rerank(
+        self, query: str, documents: Sequence[str], top_k: int | None = None, batch_size: int = 32
+    ) -> Ranking:
+        """Rank raw candidate texts by the model's similarity to the query, with no index (none: empty)."""
+        if top_k is not None:
+            _check_count("top_k", top_k)
+        check_text(query, "query")
+        if isinstance(documents, str):
+            raise InvalidInputError("documents must be a list of strings, not one string; wrap it: [text]")
+        items, _ = self._start(documents, batch_size, "document")
+        if not items:
+            return Ranking(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+        docs = self.encode_document(items, batch_size=batch_size)
+        return _rank(self.similarity(self.encode_query(query), docs), top_k)
+
     def close(self) -> None:
+        """Free the model and its context once the decode in flight (if any) ends. Idempotent."""
+        # Flagged before the lock: an encode in progress stops at its next call instead of racing
+        # close() for the lock through the rest of its texts.
+        self._closed = True
         with self._lock:
-            self._ctx.close()
+            self._ctx.close()  # both idempotent
             self._model.close()
 
     def __enter__(self):
@@ -168,7 +226,9 @@ class DenseEncoder(Encoder):
         return self.tokenize((prefix + text).strip())[:limit]
 
     def _encode(self, texts, prefix: str, limit: int, batch_size: int, show_progress_bar: bool, normalize: bool | None):
-        items, single = _check_texts(texts)
+        items, single = self._start(texts, batch_size)
+        if not items:
+            return np.zeros((0, self.dim), dtype=np.float32)
         sequences = [self._prepare(t, prefix, limit) for t in items]
         vectors = np.stack(self._decode_all(sequences, batch_size, show_progress_bar)).astype(np.float32)
         if self.settings.normalize if normalize is None else normalize:
@@ -189,11 +249,6 @@ class DenseEncoder(Encoder):
         documents = np.asarray(documents, dtype=np.float32)
         return (_normalize_rows(documents) @ _normalize_rows(np.asarray(query, dtype=np.float32))).astype(np.float32)
 
-    def rerank(self, query: str, documents: Sequence[str], top_k: int | None = None, batch_size: int = 32) -> Ranking:
-        """Rank raw candidate texts by cosine to the query, with no index."""
-        docs = self.encode_document(list(documents), batch_size=batch_size)
-        return _rank(self.similarity(self.encode_query(query), docs), top_k)
-
 
 class ColBERTEncoder(Encoder):
     """LFM2.5-ColBERT: [Q]/[D] markers after BOS, query expansion, skiplist, per-token L2 vectors."""
@@ -202,9 +257,24 @@ class ColBERTEncoder(Encoder):
 
     def __init__(self, *args, query_expansion: QueryExpansion | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self._check_marker_ids()
         self.key_mask_supported = supports_key_mask()
         self.query_expansion: QueryExpansion = self._choose_expansion(query_expansion)
         self._skiplist = self.settings.skiplist_array()
+
+    def _check_marker_ids(self) -> None:
+        """The ids this encoder puts into sequences itself must be in the vocabulary (llama.cpp aborts)."""
+        s, n_vocab = self.settings, self._model.n_vocab
+        used = {"query_prefix_id": s.query_prefix_id, "document_prefix_id": s.document_prefix_id}
+        if s.do_query_expansion:
+            used["expansion_token_id"] = s.expansion_token_id
+        for key, value in used.items():
+            if value is None or not 0 <= value < n_vocab:
+                raise ModelFileError(
+                    f"{self.path}: lfm2edge.{key} is {'absent' if value is None else value}, not a token id "
+                    f"of this model's vocabulary (0 to {n_vocab - 1}); re-convert the checkpoint with "
+                    "`lfm2edge convert`"
+                )
 
     def _choose_expansion(self, requested: str | None) -> QueryExpansion:
         s = self.settings
@@ -233,7 +303,7 @@ class ColBERTEncoder(Encoder):
         In "pylate" mode the pads are in the sequence but not keys; otherwise every token is a key.
         """
         s = self.settings
-        ids = self.tokenize(text.strip())[: s.query_length - 1]
+        ids = self.tokenize(check_text(text, "query").strip())[: s.query_length - 1]
         ids = np.insert(ids, 1, s.query_prefix_id).astype(np.int32)
         n_text = len(ids)
         if self.query_expansion != "none" and n_text < s.query_length:
@@ -246,12 +316,12 @@ class ColBERTEncoder(Encoder):
     def prepare_document(self, text: str) -> np.ndarray:
         """Document ids: BOS, [D], text truncated so the whole fits document_length."""
         s = self.settings
-        ids = self.tokenize(text.strip())[: s.document_length - 1]
+        ids = self.tokenize(check_text(text, "document").strip())[: s.document_length - 1]
         return np.insert(ids, 1, s.document_prefix_id).astype(np.int32)
 
     def encode_query(self, texts, batch_size: int = 32, show_progress_bar: bool = False):
         """One [tokens, d] float32 array per text (query_length rows when expanded), rows L2-normalised."""
-        items, single = _check_texts(texts)
+        items, single = self._start(texts, batch_size)
         prepared = [self.prepare_query(t) for t in items]
         sequences = [ids for ids, _ in prepared]
         keys = [k for _, k in prepared] if self.query_expansion == "pylate" else None
@@ -260,7 +330,7 @@ class ColBERTEncoder(Encoder):
 
     def encode_document(self, texts, batch_size: int = 32, show_progress_bar: bool = False):
         """One [kept tokens, d] float32 array per text: standalone skiplist tokens dropped, rows L2-normalised."""
-        items, single = _check_texts(texts)
+        items, single = self._start(texts, batch_size)
         sequences = [self.prepare_document(t) for t in items]
         outputs = self._decode_all(sequences, batch_size, show_progress_bar)
         vectors = [self._finish(v[~np.isin(ids, self._skiplist)]) for ids, v in zip(sequences, outputs, strict=True)]
@@ -274,17 +344,22 @@ class ColBERTEncoder(Encoder):
         """MaxSim scores of one query matrix against each document matrix."""
         return maxsim(query, documents)
 
-    def rerank(self, query: str, documents: Sequence[str], top_k: int | None = None, batch_size: int = 32) -> Ranking:
-        """Rank raw candidate texts by MaxSim with the query, with no index."""
-        docs = self.encode_document(list(documents), batch_size=batch_size)
-        return _rank(maxsim(self.encode_query(query), docs), top_k)
-
 
 def _rank(scores: np.ndarray, top_k: int | None) -> Ranking:
-    if top_k is not None and top_k < 1:
-        raise InvalidInputError(f"top_k must be at least 1, got {top_k}")
     order = np.argsort(-scores, kind="stable")[:top_k]
     return Ranking(order.astype(np.int64), scores[order].astype(np.float32))
+
+
+def _longest_sequence(settings: RetrievalSettings, path: Path) -> int:
+    """The longest sequence the settings ask for; past MAX_BATCH_TOKENS refused (llama.cpp allocates it)."""
+    longest = max(settings.query_length, settings.document_length)
+    if longest > MAX_BATCH_TOKENS:
+        raise ModelFileError(
+            f"{path}: lfm2edge.query_length / document_length ask for {longest} tokens per sequence, "
+            f"more than the {MAX_BATCH_TOKENS} this runtime allows; re-convert the checkpoint with "
+            "`lfm2edge convert`"
+        )
+    return longest
 
 
 def _progress(total: int, enabled: bool) -> Callable[..., None]:
@@ -313,6 +388,7 @@ def load(
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
     n_gpu_layers: int | None = None,
     extra_buffers: bool | None = None,
+    adaptive_threads: bool = True,
 ) -> DenseEncoder | ColBERTEncoder:
     """Open a GGUF as a DenseEncoder or a ColBERTEncoder, chosen from the file.
 
@@ -323,8 +399,18 @@ def load(
     reported by ``encoder.query_expansion``. ``extra_buffers`` chooses llama.cpp's CPU extra
     buffer types (AMX on CPUs with AMX, the CPU repack buffer): None lets the build decide (on,
     except on unpatched AMX builds), False runs the plain CPU kernels, True forces them on;
-    ``encoder.extra_buffers`` tells which is in effect.
+    ``encoder.extra_buffers`` tells which is in effect. ``n_threads`` is 1 to 512 (ggml's limit;
+    None: every CPU this process may use); ``max_batch_tokens``, the most tokens one decode holds,
+    is 1 to 32768 and raised to the model's longest sequence. ``adaptive_threads`` (default)
+    runs each decode on the cores other processes leave free, up to ``n_threads``
+    (``lfm2edge.runtime.cpu``): on a busy machine that is faster than fighting for the busy core;
+    False always uses ``n_threads``.
     """
+    if n_threads is not None:
+        n_threads = _check_count("n_threads", n_threads, MAX_THREADS, f"; {MAX_THREADS} is ggml's limit, and "
+                                 f"n_threads=None uses this machine's {default_threads()} CPUs")
+    max_batch_tokens = _check_count("max_batch_tokens", max_batch_tokens, MAX_BATCH_TOKENS,
+                                    f"; the default is {DEFAULT_BATCH_TOKENS}")
     build = check_build()
     model_file = describe(path)
     problems = model_file.problems()
@@ -340,7 +426,12 @@ def load(
         n_threads=n_threads or default_threads(),
         exact=exact,
         max_batch_tokens=max_batch_tokens,
+        adaptive_threads=adaptive_threads,
     )
-    if model_file.kind is ModelKind.LATE_INTERACTION:
-        return ColBERTEncoder(query_expansion=query_expansion, **common)
-    return DenseEncoder(**common)
+    try:
+        if model_file.kind is ModelKind.LATE_INTERACTION:
+            return ColBERTEncoder(query_expansion=query_expansion, **common)
+        return DenseEncoder(**common)
+    except BaseException:
+        model.close()  # and any context already made on it: nothing is left for the garbage collector
+        raise

@@ -8,14 +8,19 @@ offsets the second input on wrongly. The rules this module keeps (notes ยง5.3, ย
 - the attention type stays UNSPECIFIED, so the GGUF's ``lfm2.attention.causal`` decides
   for attention and the conv together (context-level causality leaves the conv causal);
 - the ctypes log callback stays referenced at module level (a collected one segfaults),
-  and an eval callback stays referenced by its context for the context's lifetime.
+  and an eval callback stays referenced by its context for the context's lifetime;
+- nothing reaches llama.cpp that it would abort on: a closed model or context raises
+  ``EncoderClosedError``, token ids are checked against the vocabulary before a decode, and
+  a context is freed before its model (``LlamaModel.close()`` closes its contexts first).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +28,13 @@ import llama_cpp as ll
 import numpy as np
 
 from lfm2edge.runtime.build import build_info
-from lfm2edge.runtime.errors import InvalidInputError, ModelFileError
+from lfm2edge.runtime.errors import (
+    DecodeError,
+    EncoderClosedError,
+    FeatureUnavailableError,
+    InvalidInputError,
+    ModelFileError,
+)
 
 log = logging.getLogger("lfm2edge.llama")
 
@@ -32,6 +43,13 @@ GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR = 3, 4
 POOLING_NONE, POOLING_MEAN, POOLING_CLS, POOLING_LAST = 0, 1, 2, 3
 # llama.cpp's limit on sequence ids in one context (LLAMA_MAX_SEQ).
 MAX_SEQUENCES = 256
+
+# What llama_decode's return codes mean (llama.h).
+_DECODE_CODES = {
+    1: "no room in the context for the batch",
+    2: "the computation was aborted",
+    -1: "the batch was refused as invalid",
+}
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -98,6 +116,9 @@ class LlamaModel:
             # lfm2edge's patch fixes it, so only unpatched AMX builds skip the AMX buffers.
             params.use_extra_bufts = False
         self.extra_buffers = bool(params.use_extra_bufts)
+        self.path = Path(path)
+        # Contexts made on this model: closed before the weights they point into are freed.
+        self._contexts: weakref.WeakSet[EmbeddingContext] = weakref.WeakSet()
         self._model = ll.llama_model_load_from_file(str(path).encode(), params)
         if not self._model:
             raise ModelFileError(f"llama.cpp could not load {path}; run `lfm2edge inspect {path}` to see why")
@@ -107,9 +128,27 @@ class LlamaModel:
         self.n_vocab = int(ll.llama_vocab_n_tokens(self._vocab))
         self.bos_id = int(ll.llama_vocab_bos(self._vocab))
 
+    @property
+    def closed(self) -> bool:
+        return not getattr(self, "_model", None)
+
+    def check_open(self) -> None:
+        """EncoderClosedError once closed: llama.cpp would dereference freed memory."""
+        if self.closed:
+            raise EncoderClosedError(
+                f"the model {self.path} was closed; load it again (lfm2edge.load) to keep using it"
+            )
+
     def tokenize(self, text: str, add_bos: bool = True) -> np.ndarray:
         """Token ids as the HF tokenizer gives them: BOS first, special and added tokens matched."""
-        raw = text.encode("utf-8")
+        self.check_open()
+        try:
+            raw = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidInputError(
+                f"the text is not valid Unicode (a lone surrogate at character {e.start}); "
+                "decode the source with errors='replace' or remove it"
+            ) from None
         capacity = len(raw) + 2
         for _ in range(2):
             buf = (ll.llama_token * capacity)()
@@ -120,15 +159,51 @@ class LlamaModel:
         raise InvalidInputError(f"llama.cpp could not tokenize a text of {len(raw)} bytes")
 
     def token_text(self, token: int) -> str:
-        return (ll.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", errors="replace")
+        self.check_open()
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+            raise InvalidInputError(f"a token id must be an int, not {type(token).__name__}")
+        if not 0 <= token < self.n_vocab:
+            raise _out_of_vocabulary(int(token), self.n_vocab)
+        return (ll.llama_vocab_get_text(self._vocab, int(token)) or b"").decode("utf-8", errors="replace")
 
     def close(self) -> None:
-        if getattr(self, "_model", None):
-            ll.llama_model_free(self._model)
-            self._model = None
+        """Free the weights, after every context made on them; idempotent."""
+        if self.closed:
+            return
+        for ctx in list(self._contexts):
+            ctx.close()
+        model, self._model, self._vocab = self._model, None, None
+        ll.llama_model_free(model)
 
     def __del__(self) -> None:
-        self.close()
+        _close_unless_exiting(self)
+
+
+def _close_unless_exiting(obj: LlamaModel | EmbeddingContext) -> None:
+    """``__del__``: free now, except at interpreter exit, where llama.cpp may be half torn down or a
+    daemon thread still inside a decode; the OS takes the memory back then."""
+    if sys is None or sys.is_finalizing():
+        return
+    try:
+        obj.close()
+    except Exception:  # nothing may escape __del__
+        pass
+
+
+def check_token_ids(tokens: np.ndarray, n_vocab: int) -> None:
+    """InvalidInputError for an id outside [0, n_vocab): llama.cpp would read out of bounds or abort."""
+    if tokens.size == 0:
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= n_vocab:
+        raise _out_of_vocabulary(low if low < 0 else high, n_vocab)
+
+
+def _out_of_vocabulary(token: int, n_vocab: int) -> InvalidInputError:
+    return InvalidInputError(
+        f"token id {token} is outside this model's vocabulary of {n_vocab} tokens (ids 0 to {n_vocab - 1}); "
+        "pass ids from this model's tokenizer, or re-convert a GGUF whose lfm2edge.* marker ids are wrong"
+    )
 
 
 class EmbeddingContext:
@@ -156,6 +231,7 @@ class EmbeddingContext:
         exact: bool = True,
         eval_callback: Callable[[int, bool], bool] | None = None,
     ):
+        model.check_open()
         self.model = model
         self.n_batch = n_batch
         self.n_seq_max = min(n_seq_max, MAX_SEQUENCES)
@@ -164,6 +240,7 @@ class EmbeddingContext:
         p.n_batch = p.n_ubatch = n_batch
         p.n_seq_max = self.n_seq_max
         p.n_threads = p.n_threads_batch = n_threads
+        self.n_threads = n_threads
         p.embeddings = True
         p.pooling_type = ll.LLAMA_POOLING_TYPE_UNSPECIFIED  # the GGUF decides (CLS or NONE)
         p.attention_type = ll.LLAMA_ATTENTION_TYPE_UNSPECIFIED  # the GGUF decides, conv included
@@ -188,11 +265,25 @@ class EmbeddingContext:
             p.cb_eval_user_data = None
         self._ctx = ll.llama_init_from_model(model._model, p)
         if not self._ctx:
-            raise ModelFileError("llama.cpp could not create a context (out of memory for this batch size?)")
+            raise ModelFileError(
+                f"llama.cpp could not create a context of {n_batch} tokens for {model.path} (out of "
+                "memory?); lower max_batch_tokens, or run `lfm2edge inspect` on the file"
+            )
+        model._contexts.add(self)
         self.pooling = int(ll.llama_pooling_type(self._ctx))
         # With lfm2edge's no-memory patch a bidirectional LFM2 context has no KV cache or conv
         # states: one decode computes all its sequences in one micro-batch.
         self.has_memory = bool(ll.llama_get_memory(self._ctx))
+
+    @property
+    def closed(self) -> bool:
+        return not getattr(self, "_ctx", None)
+
+    def set_threads(self, n_threads: int) -> None:
+        """Threads for the following decodes (llama.cpp reads them per decode)."""
+        if n_threads != self.n_threads and not self.closed:
+            ll.llama_set_n_threads(self._ctx, n_threads, n_threads)
+            self.n_threads = n_threads
 
     def decode(self, sequences: list[np.ndarray], keys: list[np.ndarray] | None = None) -> list[np.ndarray]:
         """Per-token rows [len_i, n_embd_out] (pooling NONE) or one pooled row [n_embd_out] per sequence.
@@ -200,17 +291,24 @@ class EmbeddingContext:
         ``keys`` (one bool array per sequence, False = in the sequence but not an attention
         key) needs the key-mask patch (``supports_key_mask()``).
         """
-        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
-        total = int(lengths.sum())
-        if not sequences or lengths.min() == 0:
+        if self.closed:
+            raise EncoderClosedError(
+                f"the llama.cpp context of {self.model.path} was closed; load the model again (lfm2edge.load)"
+            )
+        # Everything below is checked here because llama.cpp would abort the process, not raise.
+        arrays = [_token_array(s, i) for i, s in enumerate(sequences)]
+        lengths = np.array([len(s) for s in arrays], dtype=np.int64)
+        if not arrays or lengths.min() == 0:
             raise InvalidInputError("decode needs at least one non-empty sequence")
-        if total > self.n_batch or len(sequences) > self.n_seq_max:
-            # Checked here because llama.cpp would abort the process, not raise.
+        total = int(lengths.sum())
+        if total > self.n_batch or len(arrays) > self.n_seq_max:
             raise InvalidInputError(
-                f"{total} tokens in {len(sequences)} sequences exceed this context's {self.n_batch} tokens / "
+                f"{total} tokens in {len(arrays)} sequences exceed this context's {self.n_batch} tokens / "
                 f"{self.n_seq_max} sequences"
             )
-        tokens = np.ascontiguousarray(np.concatenate(sequences), dtype=np.int32)
+        all_ids = np.concatenate(arrays)
+        check_token_ids(all_ids, self.model.n_vocab)
+        tokens = np.ascontiguousarray(all_ids, dtype=np.int32)
         starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
         pos = (np.arange(total) - starts).astype(np.int32)
         seq = np.repeat(np.arange(len(sequences)), lengths).astype(np.int32)
@@ -230,32 +328,51 @@ class EmbeddingContext:
         key_flags = None
         if keys is not None:
             if _set_attn_key_mask is None:
-                raise RuntimeError("this llama.cpp build cannot mask attention keys (no key-mask patch)")
+                raise FeatureUnavailableError(
+                    "this llama.cpp build cannot mask attention keys (it lacks lfm2edge's attention-key-mask "
+                    "patch): build the patched binding with `make setup`, or decode without keys"
+                )
+            if len(keys) != len(arrays) or any(len(k) != n for k, n in zip(keys, lengths, strict=False)):
+                raise InvalidInputError("keys must hold one flag per token of each sequence")
             key_flags = np.ascontiguousarray(np.concatenate(keys), dtype=np.int8)
-            if len(key_flags) != total:
-                raise InvalidInputError(f"{len(key_flags)} key flags for {total} tokens")
         if self.has_memory:
             ll.llama_memory_clear(ll.llama_get_memory(self._ctx), True)
         if key_flags is not None:
             _set_attn_key_mask(self._ctx, key_flags.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)), total)
         rc = ll.llama_decode(self._ctx, batch)
         if rc != 0:
-            raise RuntimeError(f"llama_decode failed with code {rc}")
+            raise DecodeError(
+                f"llama.cpp could not decode {total} tokens ({len(arrays)} sequences) of {self.model.path} "
+                f"(llama_decode returned {rc}: {_DECODE_CODES.get(rc, 'an internal error')}); "
+                "try a smaller batch_size or max_batch_tokens, and run `lfm2edge inspect` on the file"
+            )
         n_out = self.model.n_embd_out
         if self.pooling == POOLING_NONE:
-            ptr = ll.llama_get_embeddings(self._ctx)
-            rows = np.ctypeslib.as_array(ptr, shape=(total, n_out)).copy()
+            rows = self._copy(ll.llama_get_embeddings(self._ctx), (total, n_out))
             return np.split(rows, np.cumsum(lengths)[:-1])
-        pooled = []
-        for i in range(len(sequences)):
-            ptr = ll.llama_get_embeddings_seq(self._ctx, i)
-            pooled.append(np.ctypeslib.as_array(ptr, shape=(n_out,)).copy())
-        return pooled
+        return [self._copy(ll.llama_get_embeddings_seq(self._ctx, i), (n_out,)) for i in range(len(arrays))]
+
+    def _copy(self, ptr, shape: tuple[int, ...]) -> np.ndarray:
+        if not ptr:  # as_array would read address 0
+            raise DecodeError(f"llama.cpp gave no embeddings for {self.model.path}; run `lfm2edge inspect`")
+        return np.ctypeslib.as_array(ptr, shape=shape).copy()
 
     def close(self) -> None:
-        if getattr(self, "_ctx", None):
-            ll.llama_free(self._ctx)
-            self._ctx = None
+        """Free the context; idempotent."""
+        if self.closed:
+            return
+        ctx, self._ctx = self._ctx, None
+        ll.llama_free(ctx)
 
     def __del__(self) -> None:
-        self.close()
+        _close_unless_exiting(self)
+
+
+def _token_array(sequence: object, index: int) -> np.ndarray:
+    """One sequence as a 1-D integer array (not yet narrowed to int32: a wider id must not wrap)."""
+    ids = np.asarray(sequence)
+    if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+        raise InvalidInputError(
+            f"sequence {index} must be a 1-D array of integer token ids, not {ids.dtype} of shape {ids.shape}"
+        )
+    return ids
