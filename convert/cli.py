@@ -21,14 +21,16 @@ def convert(
     outtype: Annotated[str, typer.Option("--outtype", help=OUTTYPE_HELP)] = "f16",
     revision: Annotated[str | None, typer.Option(help="hub revision (branch, tag or commit)")] = None,
     threads: Threads = None,
+    force: Annotated[bool, typer.Option("--force", help="replace OUTFILE if it exists (a regular file only)")] = False,
 ) -> None:
     """Convert an LFM2 retriever checkpoint to a GGUF that stock llama.cpp loads, settings inside.
 
-    Example: lfm2edge convert LiquidAI/LFM2.5-ColBERT-350M -o colbert-q8_0.gguf --outtype q8_0
+    An existing OUTFILE is kept unless --force is given. Example:
+    lfm2edge convert LiquidAI/LFM2.5-ColBERT-350M -o colbert-q8_0.gguf --outtype q8_0
     """
     from lfm2edge.convert.pipeline import convert as run_convert
 
-    path = run_convert(model, outfile, outtype, revision=revision, progress=True, n_threads=threads)
+    path = run_convert(model, outfile, outtype, revision=revision, progress=True, n_threads=threads, force=force)
     typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 

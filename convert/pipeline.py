@@ -1,4 +1,9 @@
-"""``convert()``: a checkpoint (folder or hub id) to a GGUF of the requested type."""
+"""``convert()``: a checkpoint (folder or hub id) to a GGUF of the requested type.
+
+The checkpoint is checked as it is read (checkpoint.py), the file is written under a
+temporary name, read back and checked as ``lfm2edge.load`` checks it, and only then
+published (output.py): convert never leaves a file that load would refuse.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,12 @@ import os
 from pathlib import Path
 
 from lfm2edge.convert.checkpoint import Checkpoint, resolve
+from lfm2edge.convert.output import check_output, publish
 from lfm2edge.convert.quantize import LLAMA_QUANT_TYPES, quantize_file
 from lfm2edge.convert.tensors import DIRECT_TYPES
 from lfm2edge.convert.writer import write_gguf
-from lfm2edge.runtime.errors import InvalidInputError
+from lfm2edge.runtime.errors import ConversionError, InvalidInputError, ModelFileError
+from lfm2edge.runtime.model_file import describe
 
 OUTTYPES = tuple(DIRECT_TYPES) + tuple(LLAMA_QUANT_TYPES)
 
@@ -21,21 +28,51 @@ def convert(
     revision: str | None = None,
     progress: bool = False,
     n_threads: int | None = None,
+    force: bool = False,
 ) -> Path:
-    """Convert ``model`` to ``outfile``; f32/f16/bf16/q8_0 directly, the rest via llama.cpp's quantizer."""
-    outtype = outtype.lower()
-    if outtype not in OUTTYPES:
+    """Convert ``model`` to ``outfile``; f32/f16/bf16/q8_0 directly, the rest via llama.cpp's quantizer.
+
+    An existing ``outfile`` is replaced only with ``force=True``, and only if it is a regular file.
+    """
+    if not isinstance(outtype, str) or outtype.lower() not in OUTTYPES:
         raise InvalidInputError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    outtype = outtype.lower()
+    if not isinstance(model, (str, Path, Checkpoint)):
+        raise InvalidInputError(f"model must be a checkpoint folder or a hub id, not {type(model).__name__}")
     outfile = Path(outfile)
-    if not outfile.parent.is_dir():
-        raise InvalidInputError(f"the output folder {outfile.parent} does not exist")
+    check_output(outfile, force)
     ckpt = model if isinstance(model, Checkpoint) else resolve(model, revision)
     settings = ckpt.retrieval_settings(ckpt.load_tokenizer())
-    if outtype in DIRECT_TYPES:
-        return write_gguf(ckpt, outfile, DIRECT_TYPES[outtype], settings, progress=progress)
-    f32 = outfile.with_name(f".{outfile.name}.f32-{os.getpid()}")
+    tmp = outfile.with_name(f".{outfile.name}.partial-{os.getpid()}")
     try:
-        write_gguf(ckpt, f32, DIRECT_TYPES["f32"], settings, progress=progress)
-        return quantize_file(f32, outfile, outtype, n_threads)
+        if outtype in DIRECT_TYPES:
+            write_gguf(ckpt, tmp, DIRECT_TYPES[outtype], settings, progress=progress)
+        else:
+            f32 = outfile.with_name(f".{outfile.name}.f32-{os.getpid()}")
+            try:
+                write_gguf(ckpt, f32, DIRECT_TYPES["f32"], settings, progress=progress)
+                quantize_file(f32, tmp, outtype, n_threads)
+            finally:
+                f32.unlink(missing_ok=True)
+        _check_written(tmp, outfile)
+        publish(tmp, outfile, force)
+    except OSError as e:
+        raise ConversionError(
+            f"cannot write {outfile}: {e.strerror or e}; check that its folder is writable and has space"
+        ) from e
     finally:
-        f32.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return outfile
+
+
+def _check_written(tmp: Path, outfile: Path) -> None:
+    """The written file, read back as ``lfm2edge.load`` reads it, must have no problem."""
+    try:
+        problems = describe(tmp).problems()
+    except ModelFileError as e:
+        problems = [str(e)]
+    if problems:
+        raise ConversionError(
+            f"the GGUF written for {outfile} would not load, so it was not kept:\n- " + "\n- ".join(problems)
+            + "\nThis is a bug in lfm2edge's converter or a checkpoint it does not check yet: please report it."
+        )

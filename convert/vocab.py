@@ -12,6 +12,7 @@ from pathlib import Path
 
 import gguf
 
+from lfm2edge.convert.checkpoint import read_tokenizer
 from lfm2edge.runtime.errors import CheckpointError
 
 PRE_TOKENIZER = "lfm2"
@@ -30,17 +31,17 @@ def _looks_special(token: str) -> bool:
 
 def load_vocab(checkpoint_dir: Path, vocab_size: int) -> Vocab:
     """Tokens and types for ``vocab_size`` rows; ids the tokenizer lacks become UNUSED placeholders."""
-    from tokenizers import Tokenizer
-
-    path = checkpoint_dir / "tokenizer.json"
-    if not path.exists():
-        raise CheckpointError(f"{checkpoint_dir} has no tokenizer.json; lfm2edge needs the fast tokenizer file")
-    tok = Tokenizer.from_file(str(path))
+    tok = read_tokenizer(checkpoint_dir / "tokenizer.json")
     vocab = tok.get_vocab(with_added_tokens=True)
     if len(vocab) > vocab_size:
         raise CheckpointError(
             f"the tokenizer has {len(vocab)} tokens but the embedding table only {vocab_size} rows: "
             "tokenizer.json and config.json do not belong together"
+        )
+    if any(i >= vocab_size for i in vocab.values()):
+        raise CheckpointError(
+            f"tokenizer.json has token ids up to {max(vocab.values())} but config.json's vocab_size is {vocab_size}: "
+            "they do not belong together"
         )
     added = tok.get_added_tokens_decoder()
     by_id = {i: t for t, i in vocab.items()}
@@ -58,7 +59,17 @@ def load_vocab(checkpoint_dir: Path, vocab_size: int) -> Vocab:
         else:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
-    special = gguf.SpecialVocab(checkpoint_dir, load_merges=True, n_vocab=vocab_size)
+    if len(set(tokens)) != len(tokens):  # llama.cpp aborts on a vocabulary with a token twice
+        raise CheckpointError(f"{checkpoint_dir / 'tokenizer.json'} gives two ids the same token text")
+    try:
+        special = gguf.SpecialVocab(checkpoint_dir, load_merges=True, n_vocab=vocab_size)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OSError) as e:
+        raise CheckpointError(
+            f"cannot read the merges and special tokens of {checkpoint_dir} (tokenizer.json, tokenizer_config.json, "
+            f"special_tokens_map.json): {e}"
+        ) from None
+    if not special.merges:
+        raise CheckpointError(f"{checkpoint_dir / 'tokenizer.json'} has no BPE merges; LFM2's tokenizer needs them")
     return Vocab(tokens, types, special)
 
 

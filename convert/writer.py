@@ -17,10 +17,12 @@ from lfm2edge.convert.checkpoint import Checkpoint
 from lfm2edge.convert.tensors import DENSE_TENSOR, gguf_name, prepare, tensor_type
 from lfm2edge.convert.vocab import load_vocab, write_vocab
 from lfm2edge.runtime.errors import CheckpointError
-from lfm2edge.runtime.settings import NAMESPACE, RetrievalSettings, to_metadata
+from lfm2edge.runtime.gguf_file import GGUFType
+from lfm2edge.runtime.llama_keys import Dims
+from lfm2edge.runtime.settings import SETTINGS_BY_KEY, Key, RetrievalSettings, to_metadata
 
 ARCH = "lfm2"
-ARCHITECTURE_KEY = NAMESPACE + "architecture"  # the HF architecture the file came from
+ARCHITECTURE_KEY = Key.ARCHITECTURE  # the HF architecture the file came from
 FILE_TYPES = {
     gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
     gguf.GGMLQuantizationType.F16: gguf.LlamaFileType.MOSTLY_F16,
@@ -33,7 +35,7 @@ def write_model_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, outtype: gguf.GGM
     """The keys llama.cpp reads, as upstream's converter writes them (notes §5.2)."""
     cfg = ckpt.config
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(ckpt.path.name if ckpt.source == str(ckpt.path) else ckpt.source.split("@")[0].split("/")[-1])
+    w.add_name(ckpt.source.split("@")[0].split("/")[-1] or ckpt.path.name)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -56,18 +58,15 @@ def write_model_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, outtype: gguf.GGM
 
 
 def write_settings(w: gguf.GGUFWriter, settings: RetrievalSettings, architecture: str) -> None:
-    """Our retrieval settings under the lfm2edge. namespace (runtime/settings.py documents them)."""
-    for key, value in to_metadata(settings).items():
-        if isinstance(value, np.ndarray):
-            if len(value):  # GGUF has no empty arrays; the reader treats absence as empty
-                w.add_array(key, [int(v) for v in value])
-        elif isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            (w.add_int32 if value < 0 or key.endswith("_id") else w.add_uint32)(key, value)
+    """Our retrieval settings under the lfm2edge. namespace, each with its type from ``settings.SETTINGS``."""
+    for key, value in (to_metadata(settings) | {ARCHITECTURE_KEY: architecture}).items():
+        gguf_type = SETTINGS_BY_KEY[key].gguf_type
+        if gguf_type is GGUFType.ARRAY:
+            if len(value):  # type: ignore[arg-type]  # an empty array is not written: absent means empty
+                items = [int(v) for v in value]  # type: ignore[attr-defined]
+                w.add_key_value(key, items, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)
         else:
-            w.add_string(key, str(value))
-    w.add_string(ARCHITECTURE_KEY, architecture)
+            w.add_key_value(key, value, gguf.GGUFValueType(int(gguf_type)))
 
 
 def _encode(array: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
@@ -84,7 +83,11 @@ def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
 
 
 def _tensor_plan(ckpt: Checkpoint, outtype: gguf.GGMLQuantizationType):
-    """(gguf name, numpy shape, type) per tensor, in upstream's order, from shapes alone."""
+    """(gguf name, numpy shape, type) per tensor, in upstream's order, from shapes alone.
+
+    Every shape must be what config.json says (the shapes llama.cpp will expect), so a
+    checkpoint whose tensors and config disagree is refused before anything is written.
+    """
     plan = []
     for hf_name, shape in ckpt.tensor_shapes().items():
         try:
@@ -92,11 +95,41 @@ def _tensor_plan(ckpt: Checkpoint, outtype: gguf.GGMLQuantizationType):
         except KeyError as e:
             raise CheckpointError(f"unexpected tensor {hf_name!r} in {ckpt.path}: is this an LFM2 checkpoint?") from e
         if name.endswith(".shortconv.conv.weight"):
+            if len(shape) != 3 or shape[1] != 1:
+                raise CheckpointError(f"{ckpt.path}: {hf_name} has shape {list(shape)}; a depthwise conv is [H, 1, K]")
             shape = (shape[0], shape[-1])
         plan.append((hf_name, name, shape))
     if ckpt.dense_path.exists():
         plan.append(("linear.weight", DENSE_TENSOR, (ckpt.dense_out, ckpt.config.hidden_size)))
+    _check_shapes(ckpt, {name: (hf, shape) for hf, name, shape in plan})
     return [(hf, name, shape, tensor_type(name, shape, outtype)) for hf, name, shape in plan]
+
+
+def _check_shapes(ckpt: Checkpoint, planned: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    cfg = ckpt.config
+    dims = Dims(
+        n_layer=cfg.num_hidden_layers, n_embd=cfg.hidden_size, n_ff=cfg.ff_dim, n_head=cfg.num_attention_heads,
+        head_dim=cfg.head_dim, n_head_kv=tuple(cfg.kv_heads_per_layer()), l_cache=cfg.conv_l_cache,
+        n_vocab=cfg.vocab_size, n_embd_out=ckpt.dense_out,
+    )
+    expected = dims.tensors()
+    where = f"{ckpt.path} (config.json and the safetensors files disagree)"
+    for name, (hf_name, _) in planned.items():
+        if name not in expected:
+            raise CheckpointError(
+                f"{where}: {hf_name} is not part of the model config.json describes "
+                f"(num_hidden_layers = {cfg.num_hidden_layers}, layer_types)"
+            )
+    for name, (shape, required, _) in expected.items():
+        if name not in planned:
+            if required:
+                raise CheckpointError(f"{where}: tensor {name} (GGUF name) is missing")
+            continue
+        hf_name, numpy_shape = planned[name]
+        if tuple(reversed(numpy_shape)) != shape:  # ggml lists dimensions innermost first
+            raise CheckpointError(
+                f"{where}: {hf_name} has shape {list(numpy_shape)}, config.json implies {list(reversed(shape))}"
+            )
 
 
 def write_gguf(

@@ -69,7 +69,7 @@ def inspect(path: GgufPath, as_json: JsonFlag = False) -> None:
     """
     report = inspect_report(path)
     if as_json:
-        typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
+        typer.echo(json.dumps(report, indent=2, ensure_ascii=False, default=str))
     else:
         for key in ("file", "architecture", "kind", "causal", "pooling", "layers", "embedding_length",
                     "embedding_length_out", "vocab_size"):
@@ -82,7 +82,7 @@ def inspect(path: GgufPath, as_json: JsonFlag = False) -> None:
         for k, v in (report["settings"] or {}).items():
             typer.echo(f"  {k:26} {v}")
     if report["problems"]:
-        raise ModelFileError("this file will not work:\n- " + "\n- ".join(report["problems"]))
+        raise ModelFileError(f"{path} will not work as a retriever:\n- " + "\n- ".join(report["problems"]))
 
 
 def register(app: typer.Typer) -> None:

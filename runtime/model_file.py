@@ -2,7 +2,9 @@
 
 ``describe()`` decides the kind (dense or ColBERT) and the retrieval settings: ours when
 the file carries them, else from pooling / embedding_length_out with the published defaults.
-``problems()`` names each reason a file will not work, with the way out.
+``problems()`` names each reason a file will not work, with the way out: first every key or
+tensor llama.cpp would abort on or refuse (``llama_keys``), then what makes a readable LFM2 file
+no retriever. ``describe()`` itself refuses a damaged header or damaged lfm2edge.* settings.
 """
 
 from __future__ import annotations
@@ -11,19 +13,22 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from lfm2edge.runtime import llama_keys
 from lfm2edge.runtime.errors import ModelFileError
-from lfm2edge.runtime.gguf_file import GGUFHeader, read_header
+from lfm2edge.runtime.gguf_file import GGUFHeader, GGUFType, read_header
 from lfm2edge.runtime.settings import (
-    NAMESPACE,
+    Key,
     ModelKind,
     RetrievalSettings,
+    check_values,
     colbert_defaults,
     embedding_defaults,
     from_metadata,
+    to_metadata,
 )
 
 POOLING_NAMES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
-ARCHITECTURE_KEY = NAMESPACE + "architecture"
+ARCHITECTURE_KEY = Key.ARCHITECTURE
 BIDIRECTIONAL_ARCH = "Lfm2BidirectionalModel"
 
 
@@ -40,11 +45,11 @@ class ModelFile:
 
     @property
     def causal(self) -> bool:
-        return bool(self.header.arch_key("attention.causal", True))
+        return self.header.arch_key("attention.causal", True) is not False
 
     @property
     def pooling(self) -> int:
-        return int(self.header.arch_key("pooling_type", 0))  # type: ignore[arg-type]
+        return _pooling(self.header)
 
     def problems(self) -> list[str]:
         """Every reason this file will not work as a retriever, each with the way out."""
@@ -56,7 +61,9 @@ class ModelFile:
                 "official GGUF (LiquidAI/LFM2.5-ColBERT-350M-GGUF, LiquidAI/LFM2.5-Embedding-350M-GGUF)."
             ]
         if h.architecture != "lfm2":
-            return [f"architecture {h.architecture!r} is not 'lfm2': this is not an LFM2 retriever"]
+            return [f"general.architecture is {h.architecture!r}, not 'lfm2': this is not an LFM2 retriever; convert "
+                    "an LFM2 retriever checkpoint with `lfm2edge convert`"]
+        found.extend(llama_keys.check(h))
         source_arch = str(h.metadata.get(ARCHITECTURE_KEY, ""))
         if self.causal and source_arch == BIDIRECTIONAL_ARCH:
             found.append(
@@ -76,6 +83,11 @@ class ModelFile:
                 "a ColBERT model needs its 1_Dense projection (dense_2.weight and lfm2.embedding_length_out), "
                 "which this file lacks. Re-convert with `lfm2edge convert` from the PyLate checkpoint folder."
             )
+        if self.kind is ModelKind.LATE_INTERACTION and self.pooling != 0:
+            found.append(
+                f"a ColBERT model outputs one vector per token, so lfm2.pooling_type must be 0 (none); this file "
+                f"has {POOLING_NAMES.get(self.pooling, self.pooling)}. Re-convert with `lfm2edge convert`."
+            )
         if self.kind is ModelKind.DENSE and self.pooling != 2:
             found.append(
                 f"a dense model needs CLS pooling (lfm2.pooling_type = 2); this file has "
@@ -87,18 +99,44 @@ class ModelFile:
         return dict(Counter(t.type_name for t in self.header.tensors))
 
 
+def _pooling(h: GGUFHeader) -> int:
+    """The pooling type as stored; 0 (none) when it is missing or not a uint32 (problems() names that)."""
+    key = f"{h.architecture}.pooling_type"
+    return int(h.metadata[key]) if h.types.get(key) == (GGUFType.UINT32, None) else 0  # type: ignore[call-overload]
+
+
 def _infer_kind(h: GGUFHeader) -> ModelKind | None:
     if h.arch_key("embedding_length_out") is not None or h.tensor("dense_2.weight") is not None:
         return ModelKind.LATE_INTERACTION
-    if int(h.arch_key("pooling_type", 0)) != 0:  # type: ignore[arg-type]
+    if _pooling(h) != 0:
         return ModelKind.DENSE
     return None
 
 
+def _uint(h: GGUFHeader, key: str) -> int | None:
+    return int(h.metadata[key]) if h.types.get(key) == (GGUFType.UINT32, None) else None  # type: ignore[call-overload]
+
+
+def _n_vocab(h: GGUFHeader) -> int | None:
+    tokens = h.metadata.get("tokenizer.ggml.tokens")
+    return len(tokens) if h.types.get("tokenizer.ggml.tokens") == (GGUFType.ARRAY, GGUFType.STRING) else None  # type: ignore[arg-type]
+
+
 def describe(path: str | Path) -> ModelFile:
-    """Read ``path``'s header and work out its kind and retrieval settings."""
+    """Read ``path``'s header and work out its kind and retrieval settings.
+
+    Raises ModelFileError when the header cannot be read or the lfm2edge.* settings are damaged.
+    """
     h = read_header(path)
-    own = from_metadata(h.metadata)
+    # The vocabulary and context bound our settings only once llama.cpp's keys check out; otherwise
+    # problems() names those keys, the root cause.
+    trusted = h.architecture == "lfm2" and not llama_keys.check(h)
+    n_vocab = _n_vocab(h) if trusted else None
+    n_ctx = _uint(h, f"{h.architecture}.context_length") if trusted else None
+    try:
+        own = from_metadata(h.metadata, h.types, n_vocab, n_ctx)
+    except ModelFileError as e:
+        raise ModelFileError(f"{h.path}: {e}") from None
     if own is not None:
         return ModelFile(h, own.kind, own, True)
     kind = _infer_kind(h)
@@ -107,6 +145,12 @@ def describe(path: str | Path) -> ModelFile:
         settings = embedding_defaults(str(h.path))
     elif kind is ModelKind.LATE_INTERACTION:
         settings = _colbert_defaults_for(h)
+    unfit = check_values(to_metadata(settings), n_vocab, n_ctx) if settings is not None else []
+    if unfit:
+        raise ModelFileError(
+            f"{h.path} has no lfm2edge settings, and the published ones do not fit it:\n- " + "\n- ".join(unfit)
+            + "\nRe-convert the checkpoint with `lfm2edge convert` so the file carries its own settings."
+        )
     return ModelFile(h, kind, settings, False)
 
 
@@ -114,7 +158,7 @@ def _colbert_defaults_for(h: GGUFHeader) -> RetrievalSettings:
     """Published ColBERT settings, with the marker ids looked up in the file's own vocabulary."""
     defaults = colbert_defaults(str(h.path))
     tokens = h.metadata.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list):
+    if _n_vocab(h) is None or not isinstance(tokens, list):
         return defaults
     index = {t: i for i, t in enumerate(tokens)}
     q_id, d_id = index.get(defaults.query_prefix), index.get(defaults.document_prefix)
