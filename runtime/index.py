@@ -15,6 +15,12 @@ those files; ``lfm2edge.runtime.vector_codecs`` holds the token pooling and int8
 commit is one manifest replacement, so every add batch, delete and merge is all-or-nothing.
 Once there are more than 16 segments the 8 smallest are merged into one; ``compact()`` merges
 all of them and drops deleted documents for good.
+
+Every input is checked before anything is encoded or written: texts and ids are valid Unicode
+(``lfm2edge.runtime.text``), ids at most MAX_ID_CHARS long, metadata at most MAX_METADATA_DEPTH
+deep and MAX_METADATA_BYTES of JSON per document (``check_metadata``; the server passes its own
+limits). A damaged folder is an ``IndexCorruptError`` from open, search or ``verify()``, never a
+crash; an index whose encoder was closed raises ``EncoderClosedError``.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lfm2edge.runtime.errors import InvalidInputError
+from lfm2edge.runtime.errors import EncoderClosedError, InvalidInputError
 from lfm2edge.runtime.index_storage import (
     DTYPES,
     FORMAT,
@@ -42,6 +48,7 @@ from lfm2edge.runtime.index_storage import (
     MANIFEST,
     SEGMENTS,
     Segment,
+    check_manifest,
     consistently,
     corrupt,
     file_lock,
@@ -61,6 +68,7 @@ from lfm2edge.runtime.index_storage import (
 )
 from lfm2edge.runtime.maxsim import PackedDocuments, kernel_path, maxsim
 from lfm2edge.runtime.settings import ModelKind
+from lfm2edge.runtime.text import check_text, check_texts
 from lfm2edge.runtime.vector_codecs import normalize, pool_tokens, quantize_int8
 
 OnDuplicate = Literal["error", "skip", "replace"]
@@ -72,6 +80,12 @@ MERGE_WIDTH = 8
 # Float32 scratch per scoring block (rows x query vectors, and the widened rows): a few tens of MB.
 BLOCK_FLOATS = 1 << 22
 QUERY_GROUP = 16
+# Per-document limits. Metadata comes back with every hit, so it must stay small and shallow enough
+# for any JSON encoder (a server's default nesting limits are far below Python's): an app that
+# needs more stores it elsewhere and keeps a reference here. The server passes its own limits.
+MAX_METADATA_DEPTH = 32
+MAX_METADATA_BYTES = 64 * 1024
+MAX_ID_CHARS = 1024
 
 
 class IndexModelMismatchError(InvalidInputError):
@@ -118,48 +132,119 @@ def model_identity(encoder) -> str:
     return _IDENTITIES[encoder]
 
 
-def _check_ids(ids: object, n: int) -> list[str]:
+def check_ids(ids: object, n: int) -> list[str]:
+    """The ids of ``n`` documents as a list, or InvalidInputError naming the first bad one."""
     if isinstance(ids, str):
         ids = [ids]
-    if not isinstance(ids, Sequence):
+    if isinstance(ids, (bytes, bytearray)) or not isinstance(ids, (Sequence, np.ndarray)):
         raise InvalidInputError(f"ids must be a list of strings, not {type(ids).__name__}")
     ids = list(ids)
     if len(ids) != n:
-        raise InvalidInputError(f"got {n} texts but {len(ids)} ids")
+        raise InvalidInputError(f"got {n} texts but {len(ids)} ids; pass one id per text, or none")
     for i, d in enumerate(ids):
-        if not isinstance(d, str) or not d:
-            raise InvalidInputError(f"id {i} must be a non-empty string, got {d!r}")
+        _check_id(d, f"id {i}")
     return ids
 
 
-def _check_texts(texts: object) -> list[str]:
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, Sequence):
-        raise InvalidInputError(f"texts must be a list of strings, not {type(texts).__name__}")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise InvalidInputError(f"text {i} is {type(t).__name__}, not str")
-        if not t.strip():
-            raise InvalidInputError(f"text {i} is empty or only whitespace; remove it or give it content")
-    return list(texts)
+def _check_id(doc_id: object, where: str) -> str:
+    check_text(doc_id, where)  # a str of valid Unicode (it is written to JSON and printed), not blank
+    if len(doc_id) > MAX_ID_CHARS:
+        raise InvalidInputError(
+            f"{where} has {len(doc_id)} characters; the id length limit is {MAX_ID_CHARS} (MAX_ID_CHARS): "
+            "use a shorter key"
+        )
+    return doc_id
 
 
-def _check_metadata(metadata: object, n: int) -> list[dict | None]:
+def check_metadata(
+    metadata: object, n: int, max_depth: int = MAX_METADATA_DEPTH, max_bytes: int = MAX_METADATA_BYTES
+) -> list[dict | None]:
+    """One metadata dict (or None) per document, or InvalidInputError naming the document and the limit.
+
+    Each must be JSON of valid Unicode, nested at most ``max_depth`` levels (``{"a": 1}`` is one) and at
+    most ``max_bytes`` bytes as UTF-8 JSON. Depth and size are measured before serialising, so a
+    deeply nested or huge value is refused without recursing into it or building its JSON.
+    """
     if metadata is None:
         return [None] * n
     if isinstance(metadata, Mapping):
         metadata = [metadata]
-    if not isinstance(metadata, Sequence) or len(metadata) != n:
+    if (
+        isinstance(metadata, (str, bytes, bytearray))
+        or not isinstance(metadata, Sequence)
+        or len(metadata) != n
+    ):
         raise InvalidInputError(f"metadata must be a list of {n} dicts (or None), one per text")
+    out: list[dict | None] = []
     for i, m in enumerate(metadata):
-        if m is not None and not isinstance(m, Mapping):
+        if m is None:
+            out.append(None)
+            continue
+        if not isinstance(m, Mapping):
             raise InvalidInputError(f"metadata {i} must be a dict or None, not {type(m).__name__}")
+        depth, nodes = _nesting(m, max_depth, max_bytes)
+        if depth > max_depth:
+            raise InvalidInputError(
+                f"metadata {i} is nested more than {max_depth} levels deep; the metadata depth limit is "
+                f"{max_depth}: flatten it"
+            )
+        if nodes > max_bytes:  # every value takes at least one byte of JSON
+            raise InvalidInputError(
+                f"metadata {i} holds more than {max_bytes} values; the metadata size limit is {max_bytes} "
+                "bytes of JSON per document: store large data elsewhere and keep a reference in metadata"
+            )
         try:
-            json.dumps(m, ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError) as e:
+            data = json.dumps(m, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidInputError(
+                f"metadata {i} holds a string that is not valid Unicode (a lone surrogate at character "
+                f"{e.start} of its JSON); decode the source with errors='replace' or remove it"
+            ) from None
+        except (TypeError, ValueError, RecursionError) as e:
             raise InvalidInputError(f"metadata {i} is not JSON-serialisable: {e}") from None
-    return [None if m is None else dict(m) for m in metadata]
+        if len(data) > max_bytes:
+            raise InvalidInputError(
+                f"metadata {i} is {len(data)} bytes of JSON; the metadata size limit is {max_bytes} bytes "
+                "per document: store large data elsewhere and keep a reference in metadata"
+            )
+        out.append(dict(m))
+    return out
+
+
+def _nesting(value: object, max_depth: int, max_nodes: int) -> tuple[int, int]:
+    """(deepest dict/list level, values seen) of ``value``, walked without recursion; the walk stops as soon
+    as either passes its limit (so a cycle, or a huge value, costs no more than the limits)."""
+    deepest, nodes, stack = 0, 0, [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        nodes += 1
+        if isinstance(v, Mapping):
+            children = v.values()
+        elif isinstance(v, (list, tuple)):
+            children = v
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > max_depth or nodes > max_nodes:
+            break
+        stack.extend((c, depth + 1) for c in children)
+    return deepest, nodes
+
+
+def _check_open_encoder(encoder) -> None:
+    if getattr(encoder, "closed", False):
+        raise EncoderClosedError(
+            f"the encoder of {getattr(encoder, 'path', 'this model')} was closed; open the index with a "
+            "loaded encoder: Index.open(path, lfm2edge.load(model_path))"
+        )
+
+
+def _same_files(seg: Segment, entry: Mapping[str, Any]) -> bool:
+    """Whether an open segment is the one a manifest entry describes (else it is opened and checked again)."""
+    files = {k: (v[0], v[1]) for k, v in entry["files"].items()}
+    return (
+        dict(seg.files) == files and len(seg.ids) == entry["docs"] and int(seg.offsets[-1]) == entry["rows"]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,6 +269,8 @@ class Index:
         self._segments: tuple[Segment, ...] = ()
         self._where: dict[str, tuple[str, int]] = {}
         self._seen: tuple[int, int] | None = None  # the manifest file our state reflects (None: unknown)
+        self._closed = False
+        check_manifest(path, manifest)
         self._install(manifest)
 
     # -- opening ------------------------------------------------------------------------------------------
@@ -204,6 +291,7 @@ class Index:
         keeps about half of each document's token vectors. tests/test_index.py measures both.
         """
         path = Path(path)
+        _check_open_encoder(encoder)
         if dtype not in DTYPES:
             raise InvalidInputError(f"dtype must be one of {DTYPES}, not {dtype!r}")
         if not isinstance(pool_factor, int) or pool_factor < 1:
@@ -254,6 +342,8 @@ class Index:
     def open(cls, path: str | Path, encoder=None) -> Index:
         """Open an existing index; refuses an encoder whose model did not build it."""
         path = Path(path)
+        if encoder is not None:
+            _check_open_encoder(encoder)
         index = consistently(path, lambda manifest: cls(path, manifest, None))
         if encoder is not None:
             index._check_model(encoder)
@@ -310,23 +400,29 @@ class Index:
         return [d for s in self._segments for d, gone in zip(s.ids, s.deleted, strict=True) if not gone]
 
     def _install(self, manifest: dict) -> None:
-        """Make ``manifest`` the current state, reusing segments already open."""
+        """Make ``manifest`` (checked by ``check_manifest``) the current state, reusing open segments."""
         open_now = {s.name: s for s in self._segments}
+        storage, dim = manifest["storage"]["dtype"], manifest["model"]["dim"]
         segments = []
         for entry in manifest["segments"]:
-            seg = open_now.get(entry["name"]) or open_segment(self.path, entry, manifest)
-            rows = np.asarray(entry.get("deleted", []), dtype=np.int64)
-            if len(rows) and (rows.min() < 0 or rows.max() >= len(seg.ids)):
-                raise corrupt(self.path, f"segment {seg.name} lists deleted rows that it does not have")
+            seg = open_now.get(entry["name"])
+            if seg is None or not _same_files(seg, entry):
+                seg = open_segment(self.path, entry, storage, dim)
             deleted = np.zeros(len(seg.ids), dtype=bool)
-            deleted[rows] = True
+            deleted[entry.get("deleted", [])] = True  # rows checked to be in range by check_manifest
             deleted.flags.writeable = False
             segments.append(replace_deleted(seg, deleted))
         where = {}
         for seg in segments:
             for row, (doc_id, gone) in enumerate(zip(seg.ids, seg.deleted, strict=True)):
-                if not gone:
-                    where[doc_id] = (seg.name, row)
+                if gone:
+                    continue
+                if doc_id in where:
+                    raise corrupt(
+                        self.path,
+                        f"the id {doc_id!r:.80} is live in two segments ({where[doc_id][0]}, {seg.name})",
+                    )
+                where[doc_id] = (seg.name, row)
         self._manifest, self._segments, self._where = manifest, tuple(segments), where
 
     def refresh(self) -> bool:
@@ -391,9 +487,20 @@ class Index:
 
     # -- writing ------------------------------------------------------------------------------------------
 
+    def _need_open(self) -> None:
+        if self._closed:
+            raise InvalidInputError(
+                f"this Index of {self.path} was closed; open it again with Index.open(path, encoder)"
+            )
+
     def _need_encoder(self, what: str):
+        self._need_open()
         if self.encoder is None:
             raise InvalidInputError(f"{what} needs the model: open the index with Index.open(path, encoder)")
+        try:
+            _check_open_encoder(self.encoder)
+        except EncoderClosedError as e:
+            raise EncoderClosedError(f"{what} needs the model, but {e}") from None
         return self.encoder
 
     def add(
@@ -415,12 +522,14 @@ class Index:
         (``"skip"``, and not encoded), or is deleted and re-added in the same commit (``"replace"``).
         """
         encoder = self._need_encoder("adding documents")
-        texts = _check_texts(texts)
-        metas = _check_metadata(metadata, len(texts))
+        texts, _ = check_texts(texts, "text")
+        metas = check_metadata(metadata, len(texts))
         if on_duplicate not in ON_DUPLICATE:
             raise InvalidInputError(f"on_duplicate must be one of {ON_DUPLICATE}, not {on_duplicate!r}")
-        if commit_every < 1:
-            raise InvalidInputError(f"commit_every must be at least 1, got {commit_every}")
+        if isinstance(commit_every, bool) or not isinstance(commit_every, int) or commit_every < 1:
+            raise InvalidInputError(f"commit_every must be a positive integer, got {commit_every!r}")
+        if ids is not None:
+            check_ids(ids, len(texts))  # before any work; checked again with the index under the writer lock
         from lfm2edge.runtime.encoders import _progress
 
         id_list: list[str] = []
@@ -453,7 +562,7 @@ class Index:
         """The ids of an add (checked, or generated) and the id counter to commit (None: unchanged)."""
         if ids is None:
             return self._new_ids(n)
-        id_list = _check_ids(ids, n)
+        id_list = check_ids(ids, n)
         repeated = [d for d, count in Counter(id_list).items() if count > 1]
         if repeated:
             raise DuplicateIdError(f"ids repeated within this call: {repeated[:5]}")
@@ -523,9 +632,12 @@ class Index:
 
         Unknown ids raise ``InvalidInputError`` (nothing is deleted) unless ``missing_ok``.
         """
+        self._need_open()
         if isinstance(ids, str):
             ids = [ids]
-        ids = list(ids)
+        if isinstance(ids, (bytes, bytearray)) or not isinstance(ids, (Sequence, np.ndarray)):
+            raise InvalidInputError(f"ids must be a string or a list of strings, not {type(ids).__name__}")
+        ids = [_check_id(d, f"id {i}") for i, d in enumerate(ids)]
         with self._writing():
             missing = [d for d in ids if d not in self._where]
             if missing and not missing_ok:
@@ -539,6 +651,7 @@ class Index:
 
     def compact(self) -> None:
         """Rewrite every live document into one segment, reclaiming deleted space."""
+        self._need_open()
         with self._writing():
             if len(self._segments) > 1 or any(s.deleted.any() for s in self._segments):
                 self._merge(list(self._segments))
@@ -556,6 +669,7 @@ class Index:
         ids: list[str] = []
         lines: list[bytes] = []
         for seg in group:
+            seg.check_mapped()  # its files are about to be read through their mappings
             keep = ~seg.deleted
             if not keep.any():
                 continue
@@ -587,12 +701,14 @@ class Index:
             raise InvalidInputError(
                 f"query must be a string, not {type(query).__name__}; use search_many for lists"
             )
-        return self.search_many([query], k)[0]
+        return self.search_many([check_text(query, "query")], k)[0]
 
     def search_many(self, queries: Sequence[str], k: int = 10, batch_size: int = 32) -> list[list[Hit]]:
         """One hit list per query; queries are encoded in batches and scored together."""
         encoder = self._need_encoder("searching")
-        queries = _check_texts(queries)
+        queries, _ = check_texts(queries, "query")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise InvalidInputError(f"k must be a positive integer, got {k!r}")
         if not queries:
             return []
         vectors = encoder.encode_query(queries, batch_size=batch_size)
@@ -600,17 +716,15 @@ class Index:
 
     def search_vectors(self, queries: Sequence[np.ndarray], k: int = 10) -> list[list[Hit]]:
         """Search with query vectors already encoded: [tokens, dim] matrices (ColBERT) or [dim] vectors."""
-        if not isinstance(k, int) or k < 1:
+        self._need_open()
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise InvalidInputError(f"k must be a positive integer, got {k!r}")
         late = self.settings.kind is ModelKind.LATE_INTERACTION
-        dim = self.settings.dim
-        qs = [np.asarray(q, dtype=np.float32) for q in queries]
-        for i, q in enumerate(qs):
-            if q.ndim != (2 if late else 1) or q.shape[-1] != dim or not np.isfinite(q).all():
-                want = f"[tokens, {dim}]" if late else f"[{dim}]"
-                raise InvalidInputError(f"query {i} must be a finite {want} array, got shape {q.shape}")
+        qs = [_query_array(q, i, late, self.settings.dim) for i, q in enumerate(_query_list(queries))]
         self._refresh_if_changed()
         segments = self._segments  # one consistent snapshot, even while others write
+        for seg in segments:
+            seg.check_mapped()  # a file that shrank under its mapping would fault (SIGBUS) when read
         hits: list[list[Hit]] = []
         for g in range(0, len(qs), QUERY_GROUP):
             hits.extend(self._search_group(segments, qs[g : g + QUERY_GROUP], k, late))
@@ -675,20 +789,30 @@ class Index:
         }
 
     def verify(self) -> list[str]:
-        """Re-hash every segment file against the manifest; the problems found (empty: intact)."""
+        """Check the index on disk against its manifest and re-hash every segment file; the problems
+        found (empty: intact). A damaged manifest is reported here, not raised."""
+        self._need_open()
         problems = []
+        try:
+            self.refresh()  # re-reads and checks the manifest, and adopts other processes' commits
+        except (IndexCorruptError, OSError) as e:
+            problems.append(str(e))
         for seg in self._segments:
+            problems += [problem for m in seg.mapped if (problem := m.problem())]
             for fname, (size, digest) in seg.files.items():
                 p = self.path / SEGMENTS / seg.name / fname
-                if not p.is_file():
-                    problems.append(f"{p} is missing")
-                elif p.stat().st_size != size or sha256(p) != digest:
-                    problems.append(f"{p} does not match its checksum")
+                try:
+                    if not p.is_file():
+                        problems.append(f"{p} is missing")
+                    elif p.stat().st_size != size or sha256(p) != digest:
+                        problems.append(f"{p} does not match its checksum")
+                except OSError as e:
+                    problems.append(f"{p} cannot be read ({e})")
         return problems
 
     def close(self) -> None:
         """Drop the memory maps; the index object is unusable afterwards."""
-        self._segments, self._where, self.encoder = (), {}, None
+        self._segments, self._where, self.encoder, self._closed = (), {}, None, True
 
     def __enter__(self) -> Index:
         return self
@@ -707,6 +831,30 @@ class Index:
 # ----------------------------------------------------------------------------------------------------------
 # Scoring one segment
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _query_list(queries: object) -> list:
+    if isinstance(queries, (str, bytes, bytearray)) or not isinstance(queries, (Sequence, np.ndarray)):
+        raise InvalidInputError(
+            f"queries must be a list of query vectors, not {type(queries).__name__}; use search() for texts"
+        )
+    return list(queries)
+
+
+def _query_array(q: object, i: int, late: bool, dim: int) -> np.ndarray:
+    """Query ``i`` as a finite float32 [tokens >= 1, dim] (ColBERT) or [dim] (dense) array."""
+    want = f"[tokens, {dim}]" if late else f"[{dim}]"
+    try:
+        a = np.asarray(q)
+        ok = a.dtype.kind in "fiu"
+        a = a.astype(np.float32) if ok else a
+    except (TypeError, ValueError):  # ragged lists, objects numpy cannot hold
+        ok = False
+    if not ok:
+        raise InvalidInputError(f"query {i} must be a {want} array of real numbers, got {type(q).__name__}")
+    if a.ndim != (2 if late else 1) or a.shape[-1] != dim or a.size == 0 or not np.isfinite(a).all():
+        raise InvalidInputError(f"query {i} must be a finite, non-empty {want} array, got shape {a.shape}")
+    return a
 
 
 def _score_segment(seg: Segment, qcat: np.ndarray, starts: np.ndarray | None) -> np.ndarray:

@@ -19,6 +19,12 @@ cleans up the files. Folder layout (format version 1)::
 each committed segment with its file sizes and SHA-256 and its deleted rows (tombstones). A
 commit is one manifest replacement (``write_manifest``), so every add batch, delete and merge is
 all-or-nothing.
+
+Nothing on disk is trusted: the manifest is checked field by field (types, ranges, unknown or
+repeated entries, segment names that could leave the folder), and each segment file against it
+(kind, size, the shape and type in its .npy header) before a byte of it is mapped. A mapped file
+that shrinks later would fault (SIGBUS) when read, so ``Segment.check_mapped`` re-reads each
+mapping's file size before a search touches it. Every such problem is an ``IndexCorruptError``.
 """
 
 from __future__ import annotations
@@ -26,9 +32,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import mmap
 import os
+import re
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -54,10 +64,40 @@ LOCK = ".lock"
 TMP_PREFIX = ".tmp-"
 DTYPES = ("float16", "int8")
 T = TypeVar("T")
+# What lfm2edge names segments: f"{generation:08d}-{4 random bytes in hex}". Anything else (a path
+# separator, "..") is refused before it is joined to a path.
+SEGMENT_NAME = re.compile(r"[0-9]{8,19}-[0-9a-f]{8}")
+SEGMENT_FILES = ("vectors.npy", "offsets.npy", "lines.npy", "ids.json", "docs.jsonl")  # + scales.npy (int8)
+# Counts and byte sizes above this are not ones lfm2edge wrote (and JSON loses exactness beyond it).
+MAX_COUNT = 2**53 - 1
+MAX_DIM = 1 << 16
+MAX_POOL_FACTOR = 1 << 10
 
 
 class IndexCorruptError(Lfm2EdgeError):
     """The folder is not an lfm2edge index, or its files are damaged or missing."""
+
+
+@dataclass(frozen=True)
+class MappedFile:
+    """A read-only memory map of a segment file and the size it had when checked."""
+
+    path: Path
+    size: int
+    map: mmap.mmap  # holds its own duplicate of the file descriptor: size() is fstat on the mapped file
+
+    def problem(self) -> str | None:
+        """Why reading the mapping could fault now (the file shrank or changed), or None."""
+        try:
+            now = self.map.size()
+        except (OSError, ValueError) as e:
+            return f"{self.path} cannot be checked ({e})"
+        if now != self.size:
+            return (
+                f"{self.path} changed size while the index was open "
+                f"({now} bytes, the manifest says {self.size})"
+            )
+        return None
 
 
 @dataclass(frozen=True)
@@ -73,13 +113,42 @@ class Segment:
     docs: np.ndarray  # docs.jsonl as uint8, memory-mapped: stays readable after a merge unlinks it
     deleted: np.ndarray  # bool [docs]
     files: Mapping[str, tuple[int, str]]  # file name -> (size, sha256)
+    folder: Path = Path()
+    mapped: tuple[MappedFile, ...] = ()
 
     @property
     def live(self) -> int:
         return len(self.ids) - int(self.deleted.sum())
 
+    @property
+    def root(self) -> Path:
+        return self.folder.parent.parent
+
+    def check_mapped(self) -> None:
+        """IndexCorruptError if a mapped file changed size since it was opened: reading it could fault."""
+        for m in self.mapped:
+            problem = m.problem()
+            if problem:
+                raise corrupt(self.root, problem)
+
     def record(self, row: int) -> dict[str, Any]:
-        return json.loads(bytes(self.docs[self.lines[row] : self.lines[row + 1]]))
+        """Document ``row``'s {"text", "metadata"}; IndexCorruptError if lfm2edge did not write that line."""
+        line = bytes(self.docs[self.lines[row] : self.lines[row + 1]])
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+            raise corrupt(
+                self.root, f"{self.folder / 'docs.jsonl'} line {row} cannot be read ({e})"
+            ) from None
+        if (
+            not isinstance(rec, dict)
+            or not isinstance(rec.get("text"), (str, type(None)))
+            or not isinstance(rec.get("metadata"), (dict, type(None)))
+        ):
+            raise corrupt(
+                self.root, f"{self.folder / 'docs.jsonl'} line {row} is not a {{text, metadata}} record"
+            )
+        return rec
 
     def rows(self, lo: int, hi: int) -> np.ndarray:
         """Stored vectors lo:hi widened to float32 (dequantized when int8)."""
@@ -198,56 +267,152 @@ def write_segment(
     os.replace(tmp, final)
     fsync_dir(final.parent)
     entry = {"name": name, "docs": len(ids), "rows": int(offsets[-1]), "files": files}
-    return open_segment(root, entry, {"storage": {"dtype": str(vectors.dtype)}})
+    return open_segment(root, entry, str(vectors.dtype), int(vectors.shape[1]))
 
 
-def open_segment(root: Path, entry: dict, manifest: dict) -> Segment:
-    """Open a committed segment, checking it against its manifest entry (cheap checks: sizes, shapes)."""
-    folder = root / SEGMENTS / str(entry.get("name"))
+def open_segment(root: Path, entry: Mapping[str, Any], dtype: str, dim: int) -> Segment:
+    """Open a committed segment whose manifest entry passed ``check_manifest``.
+
+    Each file is checked against the entry (a regular file of the recorded size; .npy headers of
+    the expected type and shape, their data exactly filling the file) before it is mapped or read,
+    then the contents that index arithmetic relies on (offsets, line starts, ids).
+    """
+    name, n, rows = entry["name"], entry["docs"], entry["rows"]
+    if not SEGMENT_NAME.fullmatch(str(name)):  # also checked with the manifest: never join a path with it
+        raise corrupt(
+            root, f"{MANIFEST} names a segment {str(name)!r:.80}, not a segment name lfm2edge writes"
+        )
+    folder = root / SEGMENTS / name
     files = {k: (int(v[0]), str(v[1])) for k, v in entry["files"].items()}
     for fname, (size, _) in files.items():
-        p = folder / fname
-        if not p.is_file():
-            raise corrupt(root, f"{p} is missing")
-        if p.stat().st_size != size:
-            raise corrupt(root, f"{p} has {p.stat().st_size} bytes, the manifest says {size}")
+        _check_file(root, folder / fname, size)
+    layouts = {
+        "vectors.npy": (np.dtype(dtype), (rows, dim)),
+        "offsets.npy": (np.dtype(np.int64), (n + 1,)),
+        "lines.npy": (np.dtype(np.int64), (n + 1,)),
+    }
+    if "scales.npy" in files:
+        layouts["scales.npy"] = (np.dtype(np.float32), (rows,))
+    starts = {
+        f: _npy_data_start(root, folder / f, want, shape, files[f][0]) for f, (want, shape) in layouts.items()
+    }
+    mapped: list[MappedFile] = []
+
+    def mapped_array(fname: str, dtype_: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        m = _map(root, folder / fname, files[fname][0])
+        mapped.append(m)
+        count = math.prod(shape)
+        return np.frombuffer(m.map, dtype=dtype_, count=count, offset=starts.get(fname, 0)).reshape(shape)
+
     try:
-        vectors = np.load(folder / "vectors.npy", mmap_mode="r", allow_pickle=False)
-        scales = (
-            np.load(folder / "scales.npy", mmap_mode="r", allow_pickle=False)
-            if "scales.npy" in files
-            else None
-        )
-        offsets = np.load(folder / "offsets.npy", allow_pickle=False)
-        lines = np.load(folder / "lines.npy", allow_pickle=False)
-        ids = tuple(json.loads((folder / "ids.json").read_text(encoding="utf-8")))
-        docs = np.memmap(folder / "docs.jsonl", dtype=np.uint8, mode="r")
-    except (OSError, ValueError) as e:
-        raise corrupt(root, f"segment {folder.name} cannot be read ({e})") from None
-    n, rows, dtype = int(entry["docs"]), int(entry["rows"]), manifest["storage"]["dtype"]
-    ok = (
-        vectors.ndim == 2
-        and vectors.shape[0] == rows
-        and vectors.dtype == np.dtype(dtype)
-        and (scales is None) == (dtype != "int8")
-        and (scales is None or scales.shape == (rows,))
-        and offsets.shape == (n + 1,)
-        and offsets[0] == 0
-        and offsets[-1] == rows
-        and bool(np.all(np.diff(offsets) > 0))
-        and lines.shape == (n + 1,)
-        and lines[-1] == len(docs)
-        and len(ids) == n
-        and all(isinstance(d, str) for d in ids)
-    )
-    if not ok:
-        raise corrupt(root, f"segment {folder.name} is inconsistent with the manifest")
+        vectors = mapped_array("vectors.npy", *layouts["vectors.npy"])
+        scales = mapped_array("scales.npy", *layouts["scales.npy"]) if "scales.npy" in files else None
+        docs = mapped_array("docs.jsonl", np.dtype(np.uint8), (files["docs.jsonl"][0],))
+        offsets = _read_npy(folder / "offsets.npy", starts["offsets.npy"], n + 1)
+        lines = _read_npy(folder / "lines.npy", starts["lines.npy"], n + 1)
+        ids = json.loads((folder / "ids.json").read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise corrupt(root, f"segment {name} cannot be read ({e})") from None
+    # The index arithmetic reads rows and lines by these: they must split the files exactly.
+    if offsets[0] != 0 or offsets[-1] != rows or not bool(np.all(np.diff(offsets) > 0)):
+        raise corrupt(root, f"{folder / 'offsets.npy'} does not split {rows} rows into {n} documents")
+    if lines[0] != 0 or lines[-1] != len(docs) or not bool(np.all(np.diff(lines) > 0)):
+        raise corrupt(root, f"{folder / 'lines.npy'} does not split docs.jsonl into {n} lines")
+    problem = _ids_problem(ids, n)
+    if problem:
+        raise corrupt(root, f"{folder / 'ids.json'} {problem}")
     return Segment(
-        str(entry["name"]), ids, vectors, scales, offsets, lines, docs, np.zeros(n, dtype=bool), files
+        str(name),
+        tuple(ids),
+        vectors,
+        scales,
+        offsets,
+        lines,
+        docs,
+        np.zeros(n, dtype=bool),
+        files,
+        folder,
+        tuple(mapped),
     )
+
+
+def _check_file(root: Path, path: Path, size: int) -> None:
+    """A regular file of ``size`` bytes (a FIFO or device would block or lie), or IndexCorruptError."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise corrupt(root, f"{path} is missing") from None
+    except OSError as e:
+        raise corrupt(root, f"{path} cannot be read ({e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise corrupt(root, f"{path} is not a regular file")
+    if st.st_size != size:
+        raise corrupt(root, f"{path} has {st.st_size} bytes, the manifest says {size}")
+
+
+def _npy_data_start(root: Path, path: Path, dtype: np.dtype, shape: tuple[int, ...], size: int) -> int:
+    """Where the data of a .npy file starts, after checking that its header says ``dtype`` and ``shape``
+    in C order and that the data fills the rest of its ``size`` bytes exactly."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                header = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                header = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+            start = f.tell()
+    except (OSError, ValueError, SyntaxError, TypeError) as e:  # numpy wraps most as ValueError
+        raise corrupt(root, f"{path} is not a .npy file lfm2edge wrote ({e})") from None
+    got_shape, fortran, got_dtype = header
+    if got_dtype != dtype or fortran or tuple(got_shape) != shape:
+        raise corrupt(
+            root,
+            f"{path} holds {got_dtype} {tuple(got_shape)}, the manifest implies {dtype} {shape} in C order",
+        )
+    if start + math.prod(shape) * dtype.itemsize != size:
+        raise corrupt(root, f"{path} has {size} bytes, which its shape {shape} does not fill exactly")
+    return start
+
+
+def _map(root: Path, path: Path, size: int) -> MappedFile:
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    mapped = MappedFile(path, size, m)
+    problem = mapped.problem()  # the file may have changed since it was checked
+    if problem:
+        raise corrupt(root, problem)
+    return mapped
+
+
+def _read_npy(path: Path, start: int, count: int) -> np.ndarray:
+    """A checked int64 .npy file read into memory (small: one entry per document), read-only."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(count * 8)
+    if len(data) != count * 8:
+        raise ValueError(f"{path.name} is shorter than its header says")
+    return np.frombuffer(data, dtype=np.int64)
+
+
+def _ids_problem(ids: object, n: int) -> str | None:
+    if not isinstance(ids, list) or len(ids) != n:
+        return f"does not list {n} ids"
+    for i, d in enumerate(ids):
+        if not isinstance(d, str) or not d:
+            return f"entry {i} is not a non-empty string"
+        try:
+            d.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"entry {i} is not valid Unicode"
+    if len(set(ids)) != n:
+        return "lists an id twice"
+    return None
 
 
 def read_manifest(path: Path) -> dict:
+    """The committed manifest, checked by ``check_manifest``; IndexCorruptError for anything else."""
     manifest_path = path / MANIFEST
     if not path.is_dir():
         raise IndexCorruptError(
@@ -260,28 +425,101 @@ def read_manifest(path: Path) -> dict:
             "or Index.create"
         )
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise corrupt(path, f"{MANIFEST} cannot be read ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise IndexCorruptError(f"{path}/{MANIFEST} is not an lfm2edge index manifest (no format '{FORMAT}')")
-    if manifest.get("version") != FORMAT_VERSION:
+    if manifest.get("version") != FORMAT_VERSION or isinstance(manifest.get("version"), bool):
         raise IndexCorruptError(
-            f"{path} is index format version {manifest.get('version')}; "
+            f"{path} is index format version {manifest.get('version')!r:.40}; "
             f"this lfm2edge reads version {FORMAT_VERSION}. "
             "Upgrade lfm2edge or rebuild the index."
         )
-    try:
-        ModelKind(manifest["model"]["kind"])
-        int(manifest["model"]["dim"]), str(manifest["model"]["identity"]), int(manifest["generation"])
-        if manifest["storage"]["dtype"] not in DTYPES:
-            raise ValueError(f"unknown dtype {manifest['storage']['dtype']!r}")
-        int(manifest["storage"]["pool_factor"]), int(manifest["next_id"])
-        for e in manifest["segments"]:
-            str(e["name"]), int(e["docs"]), int(e["rows"]), dict(e["files"]), list(e.get("deleted", []))
-    except (KeyError, TypeError, ValueError) as e:
-        raise corrupt(path, f"{MANIFEST} lacks or mangles a field ({e!r})") from None
+    check_manifest(path, manifest)
     return manifest
+
+
+def check_manifest(path: Path, manifest: object) -> None:
+    """IndexCorruptError naming the first field of ``manifest`` that lfm2edge could not have written:
+    a missing, unknown or mistyped field, a number out of range, a segment named twice or with a
+    name that is not a plain segment name, deleted rows the segment does not have."""
+
+    def bad(field: str, what: str) -> IndexCorruptError:
+        return corrupt(path, f"{MANIFEST} lacks or mangles a field: {field} {what}")
+
+    def fields(obj: object, field: str, required: set[str], optional: set[str] = set()) -> dict:  # noqa: B006
+        if not isinstance(obj, dict):
+            raise bad(field, f"must be an object, not {type(obj).__name__}")
+        missing, unknown = required - obj.keys(), obj.keys() - required - optional
+        if missing:
+            raise bad(field, f"lacks {sorted(missing)}")
+        if unknown:
+            raise bad(field, f"has unknown entries {sorted(unknown)[:5]!r:.120}")
+        return obj
+
+    def integer(value: object, field: str, lo: int, hi: int = MAX_COUNT) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise bad(field, f"must be an integer from {lo} to {hi}, not {value!r:.80}")
+        return value
+
+    def string(value: object, field: str) -> str:
+        if not isinstance(value, str):
+            raise bad(field, f"must be a string, not {type(value).__name__}")
+        return value
+
+    top = fields(
+        manifest,
+        "(top level)",
+        {"format", "version", "generation", "model", "storage", "next_id", "segments"},
+    )
+    integer(top["generation"], "generation", 0)
+    integer(top["next_id"], "next_id", 0)
+    model = fields(top["model"], "model", {"identity", "kind", "dim"}, {"path"})
+    if not string(model["identity"], "model.identity") or len(model["identity"]) > 256:
+        raise bad("model.identity", "must be a model identity hash")
+    if string(model["kind"], "model.kind") not in {k.value for k in ModelKind}:
+        raise bad("model.kind", f"must be one of {[k.value for k in ModelKind]}, not {model['kind']!r:.80}")
+    integer(model["dim"], "model.dim", 1, MAX_DIM)
+    string(model.get("path", ""), "model.path")
+    storage = fields(top["storage"], "storage", {"dtype", "pool_factor", "store_texts"})
+    if storage["dtype"] not in DTYPES:
+        raise bad("storage.dtype", f"must be one of {list(DTYPES)}, not {storage['dtype']!r:.80}")
+    integer(storage["pool_factor"], "storage.pool_factor", 1, MAX_POOL_FACTOR)
+    if not isinstance(storage["store_texts"], bool):
+        raise bad("storage.store_texts", f"must be true or false, not {storage['store_texts']!r:.80}")
+    if not isinstance(top["segments"], list):
+        raise bad("segments", f"must be a list, not {type(top['segments']).__name__}")
+    want_files = set(SEGMENT_FILES) | ({"scales.npy"} if storage["dtype"] == "int8" else set())
+    names: set[str] = set()
+    for i, entry in enumerate(top["segments"]):
+        where = f"segments[{i}]"
+        fields(entry, where, {"name", "docs", "rows", "files"}, {"deleted"})
+        name = string(entry["name"], f"{where}.name")
+        if not SEGMENT_NAME.fullmatch(name):
+            raise bad(
+                f"{where}.name",
+                f"{name!r:.80} is not a segment name lfm2edge writes (it could leave the index)",
+            )
+        if name in names:
+            raise bad(f"{where}.name", f"{name} names a segment already listed")
+        names.add(name)
+        docs = integer(entry["docs"], f"{where}.docs", 1)
+        rows = integer(entry["rows"], f"{where}.rows", docs)
+        if model["kind"] == ModelKind.DENSE.value and rows != docs:
+            raise bad(f"{where}.rows", f"must equal docs ({docs}) for a dense model, not {rows}")
+        deleted = entry.get("deleted", [])
+        if not isinstance(deleted, list):
+            raise bad(f"{where}.deleted", f"must be a list, not {type(deleted).__name__}")
+        for j, row in enumerate(deleted):
+            integer(row, f"{where}.deleted[{j}]", 0 if j == 0 else deleted[j - 1] + 1, docs - 1)
+        files = fields(entry["files"], f"{where}.files", want_files)
+        for fname, record in files.items():
+            if not isinstance(record, list) or len(record) != 2:
+                raise bad(f"{where}.files.{fname}", "must be [size, sha256]")
+            integer(record[0], f"{where}.files.{fname}[0]", 0)
+            if not isinstance(record[1], str) or not re.fullmatch(r"[0-9a-f]{64}", record[1]):
+                raise bad(f"{where}.files.{fname}[1]", "must be a SHA-256 in hex")
 
 
 def manifest_stamp(path: Path) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-from lfm2edge.runtime.build import default_threads
+from lfm2edge.runtime.cpu import ThreadPolicy, default_threads
 from lfm2edge.runtime.errors import InvalidInputError
 
 try:
@@ -43,34 +43,58 @@ BLOCK_TOKENS = 4_096
 
 @dataclass(frozen=True)
 class PackedDocuments:
-    """Document token vectors stacked into one [total_tokens, dim] matrix; doc i is rows offsets[i]:offsets[i+1]."""
+    """Document vectors stacked into one [total_tokens, dim] matrix; doc i is rows offsets[i]:offsets[i+1].
+
+    Checked once when built and held read-only: ``offsets`` is a private copy over immutable bytes
+    and ``vectors`` a read-only view (no copy: an index's memory-mapped segments stay mapped).
+    ``maxsim`` checks the shapes again before its kernel reads a row, so nothing changed later
+    (a replaced attribute, a reshaped array) can make it read out of bounds.
+    """
 
     vectors: np.ndarray
     offsets: np.ndarray  # int64, length n_docs + 1, starts at 0
 
     @classmethod
     def pack(cls, documents: Sequence[np.ndarray], dtype: np.dtype | type = np.float16) -> PackedDocuments:
+        if isinstance(documents, np.ndarray) and documents.ndim == 2:
+            raise InvalidInputError(
+                "documents must be a list of [tokens, dim] matrices, one per document, not one matrix; "
+                "wrap a single document in a list"
+            )
+        if not isinstance(documents, (Sequence, np.ndarray)):
+            raise InvalidInputError(
+                "documents must be a list of [tokens, dim] matrices or PackedDocuments, "
+                f"not {type(documents).__name__}"
+            )
+        try:
+            storage = np.dtype(dtype)
+        except TypeError:
+            storage = None
+        if storage not in (np.float16, np.float32):
+            raise InvalidInputError(f"PackedDocuments stores float16 or float32 vectors, not {dtype!r}")
         if len(documents) == 0:
-            return cls(np.zeros((0, 0), dtype=dtype), np.zeros(1, dtype=np.int64))
-        lengths = np.array([len(d) for d in documents], dtype=np.int64)
+            return cls(np.zeros((0, 1), dtype=storage), np.zeros(1, dtype=np.int64))
+        docs = [_real_matrix(d, f"document {i}", storage) for i, d in enumerate(documents)]
+        lengths = np.array([len(d) for d in docs], dtype=np.int64)
         if lengths.min() == 0:
-            raise InvalidInputError("a document has no vectors; every document needs at least one")
-        dims = {d.shape[1] for d in documents}
+            raise InvalidInputError(
+                f"document {int(np.argmin(lengths))} has no vectors; every document needs at least one"
+            )
+        dims = {d.shape[1] for d in docs}
         if len(dims) != 1:
-            raise InvalidInputError(f"documents have different vector sizes {sorted(dims)}")
+            raise InvalidInputError(
+                f"documents have different vector sizes {sorted(dims)}; encode them with one model"
+            )
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        return cls(np.concatenate(documents).astype(dtype, copy=False), offsets)
+        vectors = np.concatenate(docs)
+        vectors.flags.writeable = False  # ours: its read-only view cannot be made writable again
+        return cls(vectors, offsets)
 
     def __post_init__(self) -> None:
-        # The kernel reads rows by these offsets: bad ones would read out of bounds, not raise.
-        v, o = self.vectors, self.offsets
-        if v.ndim != 2 or o.ndim != 1 or len(o) == 0 or o[0] != 0 or o[-1] != len(v):
-            raise InvalidInputError(
-                f"PackedDocuments needs [tokens, dim] vectors and offsets from 0 to {len(v)}; "
-                "build it with PackedDocuments.pack(documents)"
-            )
-        if len(o) > 1 and not (np.diff(o) > 0).all():
-            raise InvalidInputError("every document needs at least one vector (offsets must increase)")
+        vectors, offsets = _checked(self.vectors, self.offsets)
+        # Read-only: a copy of the offsets, a view of the vectors; the caller's arrays keep their flags.
+        object.__setattr__(self, "vectors", vectors)
+        object.__setattr__(self, "offsets", offsets)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -78,6 +102,63 @@ class PackedDocuments:
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
+
+
+def _real_matrix(x: object, what: str, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """``x`` as a finite [rows, dim >= 1] array of ``dtype``, or InvalidInputError naming ``what``."""
+    try:
+        a = np.asarray(x)
+    except (TypeError, ValueError) as e:  # ragged nested lists, objects numpy cannot hold
+        raise InvalidInputError(
+            f"{what} is not a numeric array ({e}); pass a [tokens, dim] float32 array"
+        ) from None
+    if a.dtype.kind not in "fiu":
+        raise InvalidInputError(
+            f"{what} has dtype {a.dtype}; pass real numbers (float32, float16 or integers)"
+        )
+    if a.ndim != 2 or a.shape[1] == 0:
+        raise InvalidInputError(f"{what} must be a [tokens, dim] matrix with dim >= 1, got shape {a.shape}")
+    a = a.astype(dtype, copy=False)
+    if not np.isfinite(a).all():  # after the cast: 1e300 is finite in float64, not in float32
+        raise InvalidInputError(
+            f"{what} holds NaN or infinite values (in {np.dtype(dtype)}); pass finite vectors"
+        )
+    return a
+
+
+def _checked(vectors: object, offsets: object) -> tuple[np.ndarray, np.ndarray]:
+    """Read-only (vectors, offsets) after the checks the kernel relies on, or InvalidInputError.
+
+    The kernel reads rows offsets[d]:offsets[d + 1] of vectors without bounds checks, so these
+    must hold every time it runs: offsets int64 from 0 to len(vectors), strictly increasing.
+    """
+    if not isinstance(vectors, np.ndarray) or not isinstance(offsets, np.ndarray):
+        raise InvalidInputError(
+            "PackedDocuments needs numpy arrays for vectors and offsets; "
+            "build it with PackedDocuments.pack(documents)"
+        )
+    if vectors.dtype not in (np.float16, np.float32) or vectors.ndim != 2 or vectors.shape[1] == 0:
+        raise InvalidInputError(
+            f"PackedDocuments needs [tokens, dim >= 1] float16 or float32 vectors, got {vectors.dtype} "
+            f"{vectors.shape}; build it with PackedDocuments.pack(documents)"
+        )
+    if offsets.ndim != 1 or len(offsets) == 0 or offsets.dtype.kind not in "iu":
+        raise InvalidInputError(
+            f"PackedDocuments needs 1-d integer offsets, got {offsets.dtype} {offsets.shape}; "
+            "build it with PackedDocuments.pack(documents)"
+        )
+    # A private copy over immutable bytes: no view, flag or base array can make it writable again.
+    own = np.frombuffer(np.asarray(offsets, dtype=np.int64).tobytes(), dtype=np.int64)
+    if own[0] != 0 or own[-1] != len(vectors) or not np.array_equal(own, offsets):
+        raise InvalidInputError(
+            f"PackedDocuments needs offsets from 0 to {len(vectors)} (the number of vector rows); "
+            "build it with PackedDocuments.pack(documents)"
+        )
+    if len(own) > 1 and not (np.diff(own) > 0).all():
+        raise InvalidInputError("every document needs at least one vector (offsets must increase)")
+    view = vectors.view()
+    view.flags.writeable = False
+    return view, own
 
 
 def kernel_path(dim: int) -> str | None:
@@ -99,22 +180,29 @@ def maxsim(
     """
     if backend not in ("auto", "kernel", "numpy"):
         raise InvalidInputError(f"backend must be 'auto', 'kernel' or 'numpy', not {backend!r}")
-    docs = (
-        documents if isinstance(documents, PackedDocuments) else PackedDocuments.pack(documents, np.float32)
-    )
-    query = np.asarray(query)
-    if query.ndim != 2 or query.shape[0] == 0:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InvalidInputError(f"threads must be a positive integer or None, not {threads!r}")
+    if isinstance(documents, PackedDocuments):
+        # Checked again here, at the kernel boundary: a PackedDocuments' attributes can be replaced.
+        docs = PackedDocuments(documents.vectors, documents.offsets)
+    else:
+        docs = PackedDocuments.pack(documents, np.float32)
+    query = _real_matrix(query, "the query")
+    if query.shape[0] == 0:
         raise InvalidInputError(
             f"the query must be a non-empty [tokens, dim] matrix, got shape {query.shape}"
         )
     if len(docs) == 0:
         return np.zeros(0, dtype=np.float32)
     if query.shape[1] != docs.dim:
-        raise InvalidInputError(f"query vectors have {query.shape[1]} dims, documents {docs.dim}")
-    path = kernel_path(docs.dim) if docs.vectors.dtype in (np.float16, np.float32) else None
+        raise InvalidInputError(
+            f"query vectors have {query.shape[1]} dims, documents {docs.dim}; encode both with the same model"
+        )
+    path = kernel_path(docs.dim)
     if backend == "kernel" and path is None:
         raise InvalidInputError(
-            f"the MaxSim kernel does not run here for {docs.dim}-dim {docs.vectors.dtype} vectors; use backend='auto'"
+            f"the MaxSim kernel does not run here for {docs.dim}-dim {docs.vectors.dtype} vectors; "
+            "use backend='auto'"
         )
     if backend == "numpy" or path is None:
         return _maxsim_numpy(np.ascontiguousarray(query, dtype=np.float32), docs)
@@ -137,6 +225,8 @@ def _query_panels(query: np.ndarray) -> np.ndarray:
 
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+# threads=None: the cores other processes leave free (a part on a busy core would hold up the result).
+_policy = ThreadPolicy(default_threads())
 
 
 def _thread_pool() -> ThreadPoolExecutor:
@@ -154,7 +244,9 @@ def _maxsim_kernel(query: np.ndarray, docs: PackedDocuments, path: str, threads:
     offsets = np.ascontiguousarray(docs.offsets, dtype=np.int64)
     is_f16 = int(vectors.dtype == np.float16)
     out = np.empty(len(docs), dtype=np.float32)
-    n_threads = max(1, min(threads or default_threads(), len(docs), int(offsets[-1]) // THREAD_MIN_TOKENS or 1))
+    n_threads = max(
+        1, min(threads or _policy.threads(), len(docs), int(offsets[-1]) // THREAD_MIN_TOKENS or 1)
+    )
     # Contiguous runs of documents with about the same number of tokens each.
     cuts = np.searchsorted(offsets, np.linspace(0, offsets[-1], n_threads + 1)[1:-1])
     bounds = [0, *sorted(set(int(c) for c in cuts) - {0, len(docs)}), len(docs)]
