@@ -2,20 +2,28 @@
 
 Texts come from a file or stdin ("-"), as text lines (one text per non-blank line) or JSONL (a JSON
 string, or an object with a "text" field and optional "id" and "metadata"). ``--json`` prints one
-JSON document for scripts. Exit codes are the ``lfm2edge`` ones (2: bad input, 3: unusable model).
+JSON document for scripts. Exit codes are the ``lfm2edge`` ones (2: bad input, 3: unusable model,
+7: a file that cannot be read or written); every failure is one ``error:`` line on stderr. Inputs
+and output paths are checked before a model is loaded, and files are written under a temporary
+name, then renamed: a failure never leaves a half-written output.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 import numpy as np
 import typer
 
 from lfm2edge.runtime.errors import InvalidInputError
+from lfm2edge.runtime.text import check_text
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print one JSON document for scripts")]
 Threads = Annotated[
@@ -39,8 +47,12 @@ def read_records(source: str, fmt: str = "auto", text_field: str = "text") -> li
     """Records {"text", optional "id", "metadata"} from a file or "-" (stdin), as text lines or JSONL."""
     if fmt not in ("auto", "text", "jsonl"):
         raise InvalidInputError(f"--input-format must be auto, text or jsonl, not {fmt!r}")
+    name = "stdin" if source == "-" else source
     if source == "-":
-        raw = sys.stdin.read()
+        try:
+            raw = sys.stdin.read()
+        except UnicodeDecodeError:
+            raise InvalidInputError("stdin is not UTF-8 text; convert it, e.g. with iconv") from None
     else:
         path = Path(source)
         if not path.is_file():
@@ -54,11 +66,11 @@ def read_records(source: str, fmt: str = "auto", text_field: str = "text") -> li
         jsonl = source.endswith((".jsonl", ".json")) or bool(lines and lines[0][1].lstrip()[:1] in ("{", '"'))
         fmt = "jsonl" if jsonl else "text"
     if fmt == "text":
-        records = [{"text": line} for _, line in lines]
+        records = [{"text": check_text(line, f"{name} line {n}")} for n, line in lines]
     else:
-        records = [_json_record(n, line, source, text_field) for n, line in lines]
+        records = [_json_record(n, line, name, text_field) for n, line in lines]
     if not records:
-        raise InvalidInputError(f"no texts in {'stdin' if source == '-' else source}")
+        raise InvalidInputError(f"no texts in {name}")
     return records
 
 
@@ -69,16 +81,21 @@ def _json_record(n: int, line: str, source: str, text_field: str) -> dict[str, A
         raise InvalidInputError(
             f"{source} line {n} is not JSON ({e.msg}); use --input-format text for plain lines"
         ) from None
+    where = f"{source} line {n}"
     if isinstance(value, str):
-        return {"text": value}
+        return {"text": check_text(value, where)}
     if not isinstance(value, dict) or not isinstance(value.get(text_field), str):
         raise InvalidInputError(
-            f"{source} line {n}: expected a JSON string or an object with a string {text_field!r} field"
+            f"{where}: expected a JSON string or an object with a string {text_field!r} field"
         )
-    record = {"text": value[text_field]}
+    record = {"text": check_text(value[text_field], where)}
     if "id" in value:
-        record["id"] = str(value["id"])
+        if isinstance(value["id"], bool) or not isinstance(value["id"], (str, int)) or value["id"] == "":
+            raise InvalidInputError(f'{where}: "id" must be a non-empty string or an integer')
+        record["id"] = check_text(str(value["id"]), f"{where}, its id")
     if value.get("metadata") is not None:
+        if not isinstance(value["metadata"], dict):
+            raise InvalidInputError(f'{where}: "metadata" must be a JSON object (or null)')
         record["metadata"] = value["metadata"]
     return record
 
@@ -118,6 +135,46 @@ def _echo_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
 
 
+def _check_queries(queries: list[str]) -> list[str]:
+    return [check_text(q, f"query {i + 1}") for i, q in enumerate(queries)]
+
+
+@contextmanager
+def _output_file(output: Path) -> Iterator[IO[bytes]]:
+    """A file beside ``output``, created before any work (a path that cannot be written fails at once),
+    renamed over ``output`` once complete; on an error nothing is left under either name."""
+    if output.exists() and not output.is_file():
+        raise InvalidInputError(f"--output {output} exists and is not a regular file; give a file path")
+    parent = output.parent
+    if not parent.is_dir():
+        raise InvalidInputError(
+            f"the folder of --output, {parent}, does not exist or is not a folder; create it first"
+        )
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_new_folder(path: Path) -> None:
+    """Refuse, before loading a model, a place where the folder ``path`` cannot be created."""
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe != path and not probe.is_dir():
+        raise InvalidInputError(f"cannot create {path}: {probe} is a file, not a folder; choose another path")
+    if probe != path and not os.access(probe, os.W_OK | os.X_OK):
+        raise InvalidInputError(
+            f"cannot create {path}: no permission to write in {probe}; choose another path"
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # encode
 # ----------------------------------------------------------------------------------------------------------
@@ -152,38 +209,46 @@ def encode(
     suffix = output.suffix.lower() if output else ".jsonl"
     if suffix not in (".npy", ".npz", ".jsonl"):
         raise InvalidInputError(f"--output must end in .npy, .npz or .jsonl, not {suffix!r}")
-    with _load(model, threads) as encoder:
-        method = encoder.encode_query if as_queries else encoder.encode_document
-        vectors = list(method([r["text"] for r in records], show_progress_bar=_progress()))
-        late = encoder.kind.value == "late_interaction"
-        if suffix == ".npy" and late:
-            raise InvalidInputError(
-                "a ColBERT model gives a matrix per text, which .npy cannot hold; use .npz or .jsonl"
-            )
-        if output is None:
+    if output is None:
+        with _load(model, threads) as encoder:
+            vectors, summary = _encode(encoder, records, as_queries, suffix)
             for i, v in enumerate(vectors):
                 typer.echo(json.dumps({"index": i, "embedding": v.tolist()}))
-        elif suffix == ".npy":
-            np.save(output, np.stack(vectors))
+        return
+    with _output_file(output) as f, _load(model, threads) as encoder:
+        vectors, summary = _encode(encoder, records, as_queries, suffix)
+        if suffix == ".npy":
+            np.save(f, np.stack(vectors))
         elif suffix == ".npz":
             rows = [v[None] if v.ndim == 1 else v for v in vectors]
             offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
-            np.savez(output, vectors=np.concatenate(rows), offsets=offsets)
+            np.savez(f, vectors=np.concatenate(rows), offsets=offsets)
         else:
-            with open(output, "w", encoding="utf-8") as f:
-                for i, v in enumerate(vectors):
-                    f.write(json.dumps({"index": i, "embedding": v.tolist()}) + "\n")
-        summary = {
-            "texts": len(vectors),
-            "kind": encoder.kind.value,
-            "dim": encoder.dim,
-            "output": str(output) if output else None,
-            "side": "query" if as_queries else "document",
-        }
-    if as_json and output is not None:
+            for i, v in enumerate(vectors):
+                f.write((json.dumps({"index": i, "embedding": v.tolist()}) + "\n").encode("utf-8"))
+    summary["output"] = str(output)
+    if as_json:
         _echo_json(summary)
-    elif output is not None:
+    else:
         typer.echo(f"encoded {len(vectors)} texts ({summary['kind']}, dim {summary['dim']}) to {output}")
+
+
+def _encode(encoder, records: list[dict], as_queries: bool, suffix: str) -> tuple[list[np.ndarray], dict]:
+    """The vectors of every record, and the summary printed with --json."""
+    if suffix == ".npy" and encoder.kind.value == "late_interaction":
+        raise InvalidInputError(
+            "a ColBERT model gives a matrix per text, which .npy cannot hold; use .npz or .jsonl"
+        )
+    method = encoder.encode_query if as_queries else encoder.encode_document
+    vectors = list(method([r["text"] for r in records], show_progress_bar=_progress()))
+    summary = {
+        "texts": len(vectors),
+        "kind": encoder.kind.value,
+        "dim": encoder.dim,
+        "output": None,
+        "side": "query" if as_queries else "document",
+    }
+    return vectors, summary
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,6 +281,7 @@ def index_create(
     """Create an empty index for a model in a new (or empty) folder."""
     from lfm2edge.runtime.index import Index
 
+    _check_new_folder(path)
     with _load(model, threads) as encoder:
         index = Index.create(path, encoder, dtype=dtype, pool_factor=pool_factor, store_texts=store_texts)
         info = index.info()
@@ -246,21 +312,39 @@ def index_add(
     with_ids = [r for r in records if "id" in r]
     if with_ids and len(with_ids) != len(records):
         raise InvalidInputError('give every JSONL record an "id", or none (the index then numbers them)')
+    given = [r["id"] for r in records] if with_ids else None
     index, encoder = _open_index(path, model, threads)
     with encoder:
-        ids = index.add(
-            [r["text"] for r in records],
-            ids=[r["id"] for r in records] if with_ids else None,
-            metadata=[r.get("metadata") for r in records],
-            on_duplicate=on_duplicate,  # type: ignore[arg-type]
-            commit_every=commit_every,
-            show_progress_bar=_progress(),
-        )
+        before = len(index)
+        present = sum(1 for d in set(given) if d in index) if given else 0  # skipped or replaced
+        try:
+            ids = index.add(
+                [r["text"] for r in records],
+                ids=given,
+                metadata=[r.get("metadata") for r in records],
+                on_duplicate=on_duplicate,  # type: ignore[arg-type]
+                commit_every=commit_every,
+                show_progress_bar=_progress(),
+            )
+        except BaseException:
+            # Commits before the failure stay: say what is in the index now, and how to resume.
+            if len(index) != before:
+                typer.echo(
+                    f"note: the index now holds {len(index)} documents ({len(index) - before:+d} before the "
+                    "failure); run the same command with --on-duplicate skip to add the rest",
+                    err=True,
+                )
+            raise
         total = len(index)
+    skipped = present if on_duplicate == "skip" else 0
+    replaced = present if on_duplicate == "replace" else 0
+    added = len(ids) - skipped - replaced
     if as_json:
-        _echo_json({"ids": ids, "documents": total})
+        _echo_json({"ids": ids, "documents": total, "added": added, "skipped": skipped, "replaced": replaced})
     else:
-        typer.echo(f"added {len(ids)} texts; the index holds {total} documents")
+        extra = f", {skipped} skipped (already in the index)" if skipped else ""
+        extra += f", {replaced} replaced" if replaced else ""
+        typer.echo(f"added {added} texts{extra}; the index holds {total} documents")
 
 
 def index_delete(
@@ -279,7 +363,11 @@ def index_delete(
     if ids_from is not None:
         if not ids_from.is_file():
             raise InvalidInputError(f"--ids-from {ids_from} does not exist")
-        wanted += [line.strip() for line in ids_from.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = ids_from.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInputError(f"--ids-from {ids_from} is not UTF-8 text") from None
+        wanted += [line.strip() for line in text.splitlines() if line.strip()]
     if not wanted:
         raise InvalidInputError("no ids given: pass them as arguments or with --ids-from")
     index = Index.open(path)
@@ -349,6 +437,7 @@ def search(
         texts += [r["text"] for r in read_records(queries_from)]
     if not texts:
         raise InvalidInputError("no query given: pass one as an argument or use --queries-from")
+    texts = _check_queries(texts)
     index, encoder = _open_index(path, model, threads)
     with encoder:
         results = index.search_many(texts, k=k)
@@ -383,8 +472,11 @@ def rerank(
     as_json: JsonFlag = False,
 ) -> None:
     """Rank candidate texts against a query, with no index (MaxSim or cosine)."""
+    check_text(query, "the query")
     records = read_records(candidates, input_format, text_field)
     docs = [r["text"] for r in records]
+    if top_n is not None and top_n < 1:
+        raise InvalidInputError(f"--top-n must be at least 1, got {top_n}")
     with _load(model, threads) as encoder:
         ranking = encoder.rerank(query, docs, top_k=top_n)
     results = [
@@ -408,28 +500,92 @@ def serve(
         bool, typer.Option("--create-index", help="create the --index folder if it is missing")
     ] = False,
     host: Annotated[
-        str, typer.Option(help="address to bind; anything but loopback exposes your documents")
+        str, typer.Option(help="address to bind; anything but loopback (127.0.0.0/8, ::1) needs --api-key")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    port: Annotated[
+        int, typer.Option(help="TCP port (0: any free port, named in the listening line)")
+    ] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="LFM2EDGE_API_KEY",
+            show_envvar=True,
+            help="require `Authorization: Bearer KEY` on every endpoint but /health (prefer the variable: "
+            "arguments show in the process list)",
+        ),
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="a Host name clients may use besides localhost and the bound address (repeatable; *: any)",
+        ),
+    ] = None,
     max_body_bytes: Annotated[int, typer.Option(help="largest request body accepted")] = 8 << 20,
     max_inputs: Annotated[int, typer.Option(help="most texts per embedding or /documents request")] = 256,
+    max_tokens: Annotated[
+        int, typer.Option(help="most tokens per request (counted as UTF-8 bytes, at most the model's length)")
+    ] = 131_072,
+    max_embed_vectors: Annotated[int, typer.Option(help="most vectors in one /embed answer")] = 16_384,
+    header_timeout: Annotated[
+        float, typer.Option(help="seconds a connection has to send complete request headers")
+    ] = 10.0,
+    body_timeout: Annotated[float, typer.Option(help="seconds a request has to send its whole body")] = 30.0,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(help="on SIGINT/SIGTERM, seconds requests get to finish before they are cancelled"),
+    ] = 10.0,
     threads: Threads = None,
 ) -> None:
-    """Run the local HTTP server a desktop app talks to (OpenAI embeddings, Cohere/Jina rerank, search)."""
-    from lfm2edge.runtime.server import LOOPBACK_HOSTS, ServerLimits
+    """Run the local HTTP server a desktop app talks to (OpenAI embeddings, Cohere/Jina rerank, search).
+
+    Stops on SIGINT or SIGTERM: requests get --shutdown-timeout seconds to finish, then are cancelled,
+    and the model is freed only once no decode runs (exit status 0).
+    """
+    from lfm2edge.runtime.server import ServerLimits, check_api_key, is_loopback
     from lfm2edge.runtime.server import serve as run_server
 
-    if port < 0 or port > 65535:
-        raise InvalidInputError(f"--port must be 0-65535, not {port}")
-    if host not in LOOPBACK_HOSTS:
+    for name, value in (
+        ("--max-body-bytes", max_body_bytes),
+        ("--max-inputs", max_inputs),
+        ("--max-tokens", max_tokens),
+        ("--max-embed-vectors", max_embed_vectors),
+    ):
+        if value < 1:
+            raise InvalidInputError(f"{name} must be at least 1, got {value}")
+    for name, seconds in (
+        ("--header-timeout", header_timeout),
+        ("--body-timeout", body_timeout),
+        ("--shutdown-timeout", shutdown_timeout),
+    ):
+        if not 0 < seconds <= 3600:
+            raise InvalidInputError(f"{name} must be more than 0 and at most 3600 seconds, got {seconds}")
+    api_key = check_api_key(host, api_key)  # before anything is loaded or bound
+    if not is_loopback(host):
         typer.echo(
-            f"warning: binding {host}: the server has no authentication, so anyone who can reach it can read "
-            "and change the index",
+            f"warning: binding {host}: HTTP is not encrypted; put a TLS proxy in front on untrusted networks",
             err=True,
         )
-    limits = ServerLimits(max_body_bytes=max_body_bytes, max_inputs=max_inputs)
+    limits = ServerLimits(
+        max_body_bytes=max_body_bytes,
+        max_inputs=max_inputs,
+        max_tokens=max_tokens,
+        max_embed_vectors=max_embed_vectors,
+        header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout,
+        shutdown_timeout_s=shutdown_timeout,
+    )
     run_server(
-        model, index, host=host, port=port, n_threads=threads, limits=limits, create_index=create_index
+        model,
+        index,
+        host=host,
+        port=port,
+        n_threads=threads,
+        limits=limits,
+        create_index=create_index,
+        api_key=api_key,
+        allowed_hosts=allowed_host or (),
     )
 
 
@@ -478,18 +634,13 @@ def register(app: typer.Typer) -> None:
 
 def main() -> None:
     """These commands alone (``python -m lfm2edge.runtime.search_cli``), with lfm2edge's exit codes."""
-    from lfm2edge.cli import exit_code
-    from lfm2edge.runtime.errors import Lfm2EdgeError
+    from lfm2edge.cli import run
 
     app = typer.Typer(
         name="lfm2edge", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False
     )
     register(app)
-    try:
-        app()
-    except Lfm2EdgeError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(exit_code(e))
+    run(app)
 
 
 if __name__ == "__main__":

@@ -14,56 +14,115 @@
 
 /v1/embeddings is OpenAI's schema (dense models); /rerank is Cohere's and Jina's: each result is
 ``{index, relevance_score, document?: {text}}``. Errors are JSON ``{"error": {"message", "type",
-"code"}}`` with a 4xx status for anything the client sent wrong (413 for bodies over the limit, 409
-for an id already indexed, 404 for /search and /documents without an index).
+"code"}}``: 400 or 422 for input the client sent wrong, 401 without the API key, 404 for /search and
+/documents without an index, 408 for a body that does not arrive in time, 409 for an id already
+indexed, 413 for work over a limit, 503 while busy or shutting down. Every limit (``ServerLimits``)
+is named in its error. A 500 says only that the server log has the details.
 
-Request threads share the encoder through a micro-batcher: texts that arrive while a decode runs go
-into the next decode together. Bound to 127.0.0.1, the server also refuses requests whose Host
-header is not a loopback name (DNS-rebinding protection).
+Hardening (each part says why where it is):
+- Work: the micro-batcher (runtime/batcher.py) is the only thread that calls the encoder. It fills
+  each decode round-robin from the waiting requests, so a small request waits behind at most one
+  batch of a large one, and it drops the queued texts of a client that disconnected.
+- Shutdown (``serve``): on SIGINT or SIGTERM uvicorn stops accepting, lets requests finish for
+  ``shutdown_timeout_s``, then cancels them; the batcher fails what still waits, finishes the batch
+  in progress and stops; only then is the model freed.
+- Connections (runtime/http_protocol.py): request headers must arrive within ``header_timeout_s``
+  and bodies within ``body_timeout_s``; idle connections never lock out a client with work.
+- Access: bound to loopback (127.0.0.0/8, ::1) it answers only Host names on its allow-list
+  (DNS-rebinding protection); bound to anything else it also needs an API key
+  (``Authorization: Bearer KEY``) on every endpoint but /health.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import ipaddress
 import json
-import queue
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
 import threading
-from collections.abc import Sequence
-from concurrent.futures import Future
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from lfm2edge.runtime.errors import InvalidInputError, Lfm2EdgeError
-from lfm2edge.runtime.index import DuplicateIdError, Index, model_identity
+from lfm2edge.runtime.batcher import (
+    BatchedEncoder,
+    Batcher,
+    ServerClosingError,
+    Side,
+    WorkCancelledError,
+    WorkScope,
+)
+from lfm2edge.runtime.errors import EncoderClosedError, InvalidInputError, Lfm2EdgeError
+from lfm2edge.runtime.index import DuplicateIdError, Index, IndexCorruptError, model_identity
 from lfm2edge.runtime.maxsim import maxsim
 from lfm2edge.runtime.settings import ModelKind
+from lfm2edge.runtime.text import check_text
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+__all__ = ["Batcher", "ServerLimits", "create_app", "is_loopback", "serve"]
+
+log = logging.getLogger("lfm2edge.server")
+T = TypeVar("T")
+API_KEY_ENV = "LFM2EDGE_API_KEY"
+# Exit status of serve() when a decode was still running after the shutdown deadline: the process
+# ends without freeing the model rather than free it under the decode.
+EXIT_UNCLEAN_SHUTDOWN = 70
+# Tokens a text may add to its UTF-8 bytes: BOS, the marker or prompt.
+TEXT_TOKEN_OVERHEAD = 8
 
 
 @dataclass(frozen=True)
 class ServerLimits:
+    """What one client may ask of the server; each is named (by this field name) in its error."""
+
     max_body_bytes: int = 8 << 20
     max_inputs: int = 256  # texts per /v1/embeddings, /embed and /documents call
     max_documents: int = 1000  # candidates per /rerank call
     max_top_k: int = 1000
+    max_ids: int = 1024  # ids per DELETE /documents
+    # Tokens per request, counted without the tokenizer as each text's UTF-8 bytes plus a few, at most
+    # the model's truncation length (a ColBERT query: its expanded length): an upper bound of the work.
+    max_tokens: int = 131_072
+    max_embed_vectors: int = 16_384  # vectors per /embed answer (ColBERT: one per token, each dim floats)
+    max_metadata_bytes: int = 65_536  # one document's metadata, as JSON
+    max_metadata_depth: int = 32  # nesting of one document's metadata (a flat object is 1)
+    max_request_metadata_bytes: int = 1 << 20  # all metadata of one /documents call
+    max_in_flight: int = 512  # requests handled at once; more get 503
+    max_connections: int = 1000  # open connections; past it, the oldest idle one is closed
     max_batch_texts: int = 64  # texts merged into one decode by the micro-batcher
+    max_batch_tokens: int = 4096  # about this many tokens per decode (the same count as max_tokens)
+    header_timeout_s: float = 10.0  # to deliver complete request headers
+    body_timeout_s: float = 30.0  # to deliver the whole body once the headers are in
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    shutdown_timeout_s: float = 10.0  # for requests to finish after SIGINT/SIGTERM; then they are cancelled
+
+
+class TooMuchWorkError(InvalidInputError):
+    """A request over a size limit of the server (answered 413)."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Request bodies (unknown fields are ignored, as OpenAI and Cohere clients send extras)
 # ----------------------------------------------------------------------------------------------------------
-
-Side = Literal["query", "document"]
 
 
 class _Body(BaseModel):
@@ -118,142 +177,111 @@ class DeleteRequest(_Body):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Micro-batching
+# Input checks: all before any work is queued or anything stored
 # ----------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Job:
-    texts: list[str]
-    side: Side
-    future: Future
-
-
-class Batcher:
-    """Encodes texts from many threads with few decodes: jobs queued while one decode runs are merged."""
-
-    def __init__(self, encoder, max_texts: int = 64):
-        self.encoder = encoder
-        self.max_texts = max_texts
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="lfm2edge-batcher", daemon=True)
-        self._thread.start()
-
-    def encode(self, texts: list[str], side: Side) -> list[np.ndarray]:
-        """One float32 array per text: a [dim] vector (dense) or a [tokens, dim] matrix (ColBERT)."""
-        job = _Job(list(texts), side, Future())
-        self._queue.put(job)
-        return job.future.result()
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            jobs, n = [job], len(job.texts)
-            while n < self.max_texts:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)  # finish these jobs, then stop
-                    break
-                jobs.append(nxt)
-                n += len(nxt.texts)
-            for side in ("query", "document"):
-                group = [j for j in jobs if j.side == side]
-                if group:
-                    self._encode(group)
-
-    def _encode(self, group: list[_Job]) -> None:
-        texts = [t for j in group for t in j.texts]
-        try:
-            method = self.encoder.encode_query if group[0].side == "query" else self.encoder.encode_document
-            out = list(method(texts, batch_size=len(texts)))
-        except Exception as e:
-            if len(group) == 1:
-                group[0].future.set_exception(e)
-            else:  # one bad request must not fail the others merged with it
-                for j in group:
-                    self._encode([j])
-            return
-        start = 0
-        for j in group:
-            j.future.set_result(out[start : start + len(j.texts)])
-            start += len(j.texts)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Errors and the body limit
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
-
-
-class Guard:
-    """ASGI middleware run before parsing: the Host check and the body size limit, both answered in JSON.
-
-    ``allowed_hosts`` (when bound to loopback): a web page cannot reach the server through a rebound DNS
-    name. Bodies over ``max_bytes``, declared or streamed, get 413 without being kept.
-    """
-
-    def __init__(self, app, max_bytes: int, allowed_hosts: Sequence[str] | None):
-        self.app, self.max_bytes, self.allowed_hosts = app, max_bytes, allowed_hosts
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        if self.allowed_hosts is not None and _hostname(headers.get(b"host", b"")) not in self.allowed_hosts:
-            await _error(
-                400, "invalid Host header: this server answers only requests to 127.0.0.1 or localhost"
-            )(scope, receive, send)
-            return
-        too_big = _error(
-            413,
-            f"request body over the server's limit of {self.max_bytes} bytes; send fewer or shorter texts",
+def _texts(value: str | list[str], limit: int, field: str = "input") -> list[str]:
+    """The texts of ``field``, checked: at least one, at most ``limit``, each valid Unicode and not blank."""
+    if isinstance(value, str):
+        return [check_text(value, field)]
+    if not value:
+        raise InvalidInputError(f"{field} is empty: send at least one text")
+    if len(value) > limit:
+        raise InvalidInputError(
+            f"{len(value)} texts in {field} is over this server's limit of {limit} per request; split them"
         )
-        declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await too_big(scope, receive, send)
-            return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                await too_big(scope, receive, send)
-                return
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+    return [check_text(t, f"{field}[{i}]") for i, t in enumerate(value)]
 
 
-def _hostname(host: bytes) -> str:
-    """The Host header without its port: "127.0.0.1:8000" -> "127.0.0.1", "[::1]:8000" -> "::1"."""
-    text = host.decode("latin-1").strip().lower()
-    if text.startswith("["):
-        return text[1 : text.find("]")] if "]" in text else text
-    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+def _check_string(value: str, where: str) -> str:
+    """An id or name the server stores or echoes: valid Unicode (it must go back out as UTF-8)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInputError(
+            f"{where} is not valid Unicode (a lone surrogate at character {e.start}); remove it"
+        ) from None
+    return value
+
+
+def _check_metadata(meta: dict, where: str, limits: ServerLimits) -> int:
+    """The JSON size of one document's metadata, once its depth, content and size are within the limits."""
+    stack: list[tuple[Any, int]] = [(meta, 1)]
+    while stack:  # iterative: a deep value must not exhaust the stack of the check itself
+        value, depth = stack.pop()
+        if depth > limits.max_metadata_depth:
+            raise InvalidInputError(
+                f"{where} is nested more than {limits.max_metadata_depth} levels deep, over this server's "
+                "limit (max_metadata_depth); flatten it"
+            )
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    try:
+        size = len(json.dumps(meta, ensure_ascii=False, allow_nan=False).encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInputError(
+            f"{where} holds text that is not valid Unicode (a lone surrogate); remove it"
+        ) from None
+    except ValueError:
+        raise InvalidInputError(
+            f"{where} holds NaN or Infinity, which JSON cannot carry; use null or a string"
+        ) from None
+    if size > limits.max_metadata_bytes:
+        raise TooMuchWorkError(
+            f"{where} is {size} bytes as JSON, over this server's limit of {limits.max_metadata_bytes} "
+            "(max_metadata_bytes); keep large data outside the index and store a reference"
+        )
+    return size
+
+
+class Costs:
+    """The token bound of texts (what max_tokens, max_embed_vectors and the batches count), from the model's
+    settings only: each text's UTF-8 bytes plus a few, at most what the model keeps of it."""
+
+    def __init__(self, encoder):
+        s = encoder.settings
+        self.query_length, self.document_length = int(s.query_length), int(s.document_length)
+        self.expanded = getattr(encoder, "query_expansion", "none") != "none"
+
+    def __call__(self, texts: Sequence[str], side: Side) -> list[int]:
+        if side == "query" and self.expanded:
+            return [self.query_length] * len(texts)  # padded to it
+        cap = self.query_length if side == "query" else self.document_length
+        return [min(len(t.encode("utf-8")) + TEXT_TOKEN_OVERHEAD, cap) for t in texts]
+
+
+def _check_tokens(total: int, limits: ServerLimits, what: str) -> None:
+    if total > limits.max_tokens:
+        raise TooMuchWorkError(
+            f"{what} may hold up to {total} tokens (counted as UTF-8 bytes, at most the model's length per "
+            f"text), over this server's limit of {limits.max_tokens} per request (max_tokens); "
+            "send fewer or shorter texts"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Responses and errors: JSON that always encodes; 500s without exception text
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _json_bytes(content: Any) -> bytes:
+    # A lone surrogate cannot be UTF-8: written as its JSON escape rather than failing the response.
+    text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return text.encode("utf-8", "backslashreplace")
+
+
+class SafeJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return _json_bytes(content)
+
+
+def _error(
+    status: int, message: str, kind: str = "invalid_request_error", headers: dict[str, str] | None = None
+) -> SafeJSONResponse:
+    return SafeJSONResponse(
+        {"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers
+    )
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -270,47 +298,228 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return _error(
-            exc.status_code,
-            str(exc.detail),
-            "not_found" if exc.status_code == 404 else "invalid_request_error",
-        )
+        message = str(exc.detail)
+        if isinstance(exc.__cause__, RecursionError):
+            message = "the body is nested too deeply to parse; send flatter JSON"
+        elif exc.__cause__ is not None and exc.status_code == 400:  # FastAPI's "error parsing the body"
+            message = f"the body could not be parsed as JSON ({type(exc.__cause__).__name__}); check it"
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        return _error(exc.status_code, message, kind)
 
     @app.exception_handler(Lfm2EdgeError)
-    async def ours(_: Request, exc: Lfm2EdgeError) -> JSONResponse:
+    async def ours(request: Request, exc: Lfm2EdgeError) -> JSONResponse:
         if isinstance(exc, DuplicateIdError):
             return _error(409, str(exc), "conflict")
+        if isinstance(exc, TooMuchWorkError):
+            return _error(413, str(exc))
         if isinstance(exc, InvalidInputError):
             return _error(400, str(exc))
-        return _error(500, str(exc), "server_error")
+        if isinstance(exc, (ServerClosingError, EncoderClosedError)):
+            return _error(
+                503,
+                "the server is shutting down; send the request again once it is back",
+                "server_unavailable",
+                {"retry-after": "5"},
+            )
+        if isinstance(exc, WorkCancelledError):
+            return _error(499, str(exc), "client_closed_request")
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        if isinstance(exc, IndexCorruptError):
+            return _error(500, "the index is damaged; run `lfm2edge index info DIR --verify`", "server_error")
+        return _error(
+            500, f"internal error ({type(exc).__name__}); the server log has the details", "server_error"
+        )
+
+    @app.exception_handler(ClientGone)
+    async def gone(_: Request, exc: ClientGone) -> JSONResponse:
+        return _error(499, "the client closed the request", "client_closed_request")
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The app
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _texts(value: str | list[str], limit: int, field: str = "input") -> list[str]:
-    """The texts of ``field``, checked: at least one, at most ``limit``, none blank."""
-    texts = [value] if isinstance(value, str) else value
-    if not texts:
-        raise InvalidInputError(f"{field} is empty: send at least one text")
-    if len(texts) > limit:
-        raise InvalidInputError(
-            f"{len(texts)} texts in {field} is over this server's limit of {limit} per request; split them"
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(
+            500, f"internal error ({type(exc).__name__}); the server log has the details", "server_error"
         )
-    for i, t in enumerate(texts):
-        if not t.strip():
-            raise InvalidInputError(
-                f"{field} is empty or only whitespace"
-                if isinstance(value, str)
-                else f"{field}[{i}] is empty or only whitespace"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Before the app: Host allow-list, API key, requests in flight, the body's size and deadline
+# ----------------------------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: only this machine can connect."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def default_allowed_hosts(host: str) -> frozenset[str]:
+    """The Host names a client on this machine uses, plus the bound address (and this machine's name for
+    a wildcard bind); clients that use another name need ``--allowed-host``."""
+    names = {"localhost", "127.0.0.1", "::1", host.strip("[]").lower()}
+    if host in ("0.0.0.0", "::", ""):
+        hostname = socket.gethostname().lower()
+        names |= {hostname, f"{hostname}.local"}
+    return frozenset(n for n in names if n and n not in ("0.0.0.0", "::"))
+
+
+def _hostname(host: bytes) -> str:
+    """The Host header without its port: "127.0.0.1:8000" -> "127.0.0.1", "[::1]:8000" -> "::1"."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1 : text.find("]")] if "]" in text else text
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
+class Guard:
+    """ASGI middleware run before anything is parsed, each refusal a JSON error naming its rule or limit:
+
+    - the Host header must be on ``allowed_hosts`` (None: no check), so a web page cannot reach the
+      server through a rebound DNS name;
+    - with ``api_key``, every path but /health needs ``Authorization: Bearer <key>``;
+    - at most ``max_in_flight`` requests at once (not counting /health, which always answers);
+    - bodies over ``max_body_bytes`` (declared or streamed) get 413, bodies not complete within
+      ``body_timeout_s`` 408; both close the connection.
+    """
+
+    def __init__(self, app, limits: ServerLimits, allowed_hosts: frozenset[str] | None, api_key: str | None):
+        self.app, self.limits, self.allowed_hosts = app, limits, allowed_hosts
+        self.api_key = api_key.encode("utf-8") if api_key is not None else None
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        counted = scope["path"] != "/health"
+        self.in_flight += counted
+        try:
+            body = await self._body(scope, receive, send)
+            if body is None:
+                return
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send)
+        finally:
+            self.in_flight -= counted
+
+    def _refusal(self, scope) -> Response | None:
+        headers = dict(scope["headers"])
+        host = _hostname(headers.get(b"host", b""))
+        if self.allowed_hosts is not None and host not in self.allowed_hosts:
+            return _error(
+                400,
+                f"invalid Host header {host[:100]!r}: this server answers only to "
+                f"{', '.join(sorted(self.allowed_hosts))}; start it with --allowed-host NAME to add one",
             )
-    return texts
+        if self.api_key is not None and scope["path"] != "/health":
+            given = headers.get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.api_key):
+                return _error(
+                    401,
+                    "missing or wrong API key: send `Authorization: Bearer <key>` with the key the "
+                    f"server was started with (--api-key or {API_KEY_ENV})",
+                    "authentication_error",
+                    {"www-authenticate": 'Bearer realm="lfm2edge"'},
+                )
+        if scope["path"] != "/health" and self.in_flight >= self.limits.max_in_flight:
+            return _error(
+                503,
+                f"the server is busy: {self.in_flight} requests in progress, its limit is "
+                f"{self.limits.max_in_flight} (max_in_flight); retry shortly",
+                "server_busy",
+                {"retry-after": "1"},
+            )
+        return None
+
+    async def _body(self, scope, receive, send) -> bytes | None:
+        """The whole body, or None once it was refused (answered) or the client went away."""
+        limit, close = self.limits.max_body_bytes, {"connection": "close"}
+        too_big = _error(
+            413,
+            f"request body over the server's limit of {limit} bytes (max_body_bytes); "
+            "send fewer or shorter texts",
+            headers=close,
+        )
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await too_big(scope, receive, send)
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.body_timeout_s
+        chunks, size, more = [], 0, True
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                await _error(
+                    408,
+                    f"the request body did not arrive within {self.limits.body_timeout_s:g} s "
+                    "(body_timeout_s); send it in one go",
+                    headers=close,
+                )(scope, receive, send)
+                return None
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > limit:
+                await too_big(scope, receive, send)
+                return None
+        return b"".join(chunks)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Waiting for work while watching the client
+# ----------------------------------------------------------------------------------------------------------
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body was read already, so only a disconnect can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _discard_outcome(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def _until_done(request: Request, work: Awaitable[T], on_gone: Callable[[], None]) -> T:
+    """``work``'s result. If the client disconnects first, ``on_gone()`` cancels what it queued and
+    ClientGone is raised; if uvicorn cancels the request (the shutdown deadline), ServerClosingError."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # uvicorn cancels the requests still running at the shutdown deadline: answer 503, not 500.
+        raise ServerClosingError("the server is shutting down") from None
+    finally:
+        watcher.cancel()
+        if not task.done():
+            on_gone()
+            task.add_done_callback(_discard_outcome)
+    if not task.done():
+        raise ClientGone()
+    return task.result()
 
 
 def _vector_payload(v: np.ndarray, encoding_format: str) -> Any:
@@ -319,25 +528,63 @@ def _vector_payload(v: np.ndarray, encoding_format: str) -> Any:
     return v.tolist()
 
 
+async def _render(build: Callable[[], Any]) -> Response:
+    """Build and encode a large answer in a worker thread: the event loop keeps answering others."""
+    body = await run_in_threadpool(lambda: _json_bytes(build()))
+    return Response(body, media_type="application/json")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The app
+# ----------------------------------------------------------------------------------------------------------
+
+
 def create_app(
-    encoder, index: Index | None = None, limits: ServerLimits = ServerLimits(), host: str = "127.0.0.1"
+    encoder,
+    index: Index | None = None,
+    limits: ServerLimits = ServerLimits(),
+    host: str = "127.0.0.1",
+    api_key: str | None = None,
+    allowed_hosts: Sequence[str] = (),
 ) -> FastAPI:
-    """The FastAPI app over ``encoder`` (and ``index``, which must belong to it); the caller closes both."""
-    batcher = Batcher(encoder, limits.max_batch_texts)
+    """The FastAPI app over ``encoder`` (and ``index``, which must belong to it).
+
+    While the app lives, only its batcher thread calls the encoder, and the index encodes through it.
+    To stop: ``app.state.stop_encoding(timeout)`` (also run at the app's shutdown) fails queued work and
+    returns True once the batcher has stopped; only then may the caller close the encoder (and index).
+    ``allowed_hosts``: Host names answered besides ``default_allowed_hosts(host)`` ("*": any).
+    """
+    costs = Costs(encoder)
+    batcher = Batcher(encoder, limits.max_batch_texts, limits.max_batch_tokens)
     late = encoder.kind is ModelKind.LATE_INTERACTION
     name = Path(encoder.path).stem
     identity = model_identity(encoder)
+    dim = int(encoder.dim)
+    if index is not None:
+        index.encoder = BatchedEncoder(encoder, batcher, costs)
+    hosts = default_allowed_hosts(host) | {h.strip("[]").lower() for h in allowed_hosts}
+
+    def stop_encoding(timeout: float | None = limits.shutdown_timeout_s) -> bool:
+        return batcher.close(timeout)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
-        batcher.close()
+        await asyncio.to_thread(stop_encoding)
 
-    app = FastAPI(title="lfm2edge", summary="LFM2 retrievers on this machine", lifespan=lifespan)
+    # No /docs or /redoc: their pages load scripts from a CDN. The schema stays at /openapi.json.
+    app = FastAPI(
+        title="lfm2edge",
+        summary="LFM2 retrievers on this machine",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        default_response_class=SafeJSONResponse,
+    )
     app.state.batcher = batcher
+    app.state.stop_encoding = stop_encoding
     _install_error_handlers(app)
-    allowed = ("127.0.0.1", "localhost", "::1") if host in LOOPBACK_HOSTS else None
-    app.add_middleware(Guard, max_bytes=limits.max_body_bytes, allowed_hosts=allowed)
+    app.add_middleware(Guard, limits=limits, allowed_hosts=None if "*" in hosts else hosts, api_key=api_key)
 
     def need_index() -> Index:
         if index is None:
@@ -346,111 +593,196 @@ def create_app(
             )
         return index
 
+    async def encode(request: Request, texts: list[str], side: Side, count_tokens: bool = False):
+        job = batcher.submit(texts, side, costs(texts, side), count_tokens)
+        vectors = await _until_done(request, asyncio.wrap_future(job.future), lambda: batcher.cancel(job))
+        return vectors, job.tokens
+
+    async def in_thread(request: Request, fn: Callable[..., T], *args, **kwargs) -> T:
+        """``fn`` in a worker thread; a disconnect cancels the batcher work it started."""
+        scope = WorkScope(batcher)
+        return await _until_done(request, run_in_threadpool(scope.run, fn, *args, **kwargs), scope.cancel)
+
     @app.get("/health")
-    def health() -> dict:
-        info = None if index is None else {k: v for k, v in index.info().items() if k != "model_path"}
+    async def health() -> dict:
+        # On the event loop, never behind the encoder or the thread pool; no local paths.
+        info = None
+        if index is not None:
+            info = {k: v for k, v in index.info().items() if "path" not in k}
         return {
             "status": "ok",
-            "model": {
-                "name": name,
-                "kind": encoder.kind.value,
-                "dim": int(encoder.dim),
-                "identity": identity,
-            },
+            "model": {"name": name, "kind": encoder.kind.value, "dim": dim, "identity": identity},
             "index": info,
         }
 
     @app.post("/v1/embeddings")
-    def embeddings(req: EmbeddingsRequest) -> dict:
+    async def embeddings(req: EmbeddingsRequest, request: Request) -> Response:
         if late:
             raise InvalidInputError("this is a ColBERT model (one vector per token): use POST /embed")
-        if req.dimensions is not None and req.dimensions != encoder.dim:
-            raise InvalidInputError(
-                f"dimensions={req.dimensions} is not supported; this model gives {encoder.dim}"
-            )
+        if req.dimensions is not None and req.dimensions != dim:
+            raise InvalidInputError(f"dimensions={req.dimensions} is not supported; this model gives {dim}")
+        model = _check_string(req.model, "model") if req.model else name
         texts = _texts(req.input, limits.max_inputs)
-        vectors = batcher.encode(texts, req.input_type)
-        tokens = sum(len(encoder.tokenize(t)) for t in texts)
-        return {
-            "object": "list",
-            "data": [
-                {"object": "embedding", "index": i, "embedding": _vector_payload(v, req.encoding_format)}
-                for i, v in enumerate(vectors)
-            ],
-            "model": req.model or name,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
+        _check_tokens(sum(costs(texts, req.input_type)), limits, "input")
+        vectors, tokens = await encode(request, texts, req.input_type, count_tokens=True)
+        return await _render(
+            lambda: {
+                "object": "list",
+                "data": [
+                    {"object": "embedding", "index": i, "embedding": _vector_payload(v, req.encoding_format)}
+                    for i, v in enumerate(vectors)
+                ],
+                "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
 
     @app.post("/embed")
-    def embed(req: EmbedRequest) -> dict:
+    async def embed(req: EmbedRequest, request: Request) -> Response:
         texts = _texts(req.input, limits.max_inputs)
-        vectors = batcher.encode(texts, req.input_type)
-        return {
-            "object": "list",
-            "model": name,
-            "kind": encoder.kind.value,
-            "dim": int(encoder.dim),
-            "data": [
-                {"index": i, "shape": list(v.shape), "embedding": _vector_payload(v, req.encoding_format)}
-                for i, v in enumerate(vectors)
-            ],
-        }
+        bounds = costs(texts, req.input_type)
+        _check_tokens(sum(bounds), limits, "input")
+        vectors_out = sum(bounds) if late else len(texts)
+        if vectors_out > limits.max_embed_vectors:
+            raise TooMuchWorkError(
+                f"this /embed answer may hold up to {vectors_out} vectors of {dim} floats (one per token), "
+                f"over this server's limit of {limits.max_embed_vectors} per answer (max_embed_vectors); "
+                "send fewer or shorter texts per request"
+            )
+        vectors, _ = await encode(request, texts, req.input_type)
+        return await _render(
+            lambda: {
+                "object": "list",
+                "model": name,
+                "kind": encoder.kind.value,
+                "dim": dim,
+                "data": [
+                    {"index": i, "shape": list(v.shape), "embedding": _vector_payload(v, req.encoding_format)}
+                    for i, v in enumerate(vectors)
+                ],
+            }
+        )
 
     @app.post("/rerank")
-    def rerank(req: RerankRequest) -> dict:
+    async def rerank(req: RerankRequest, request: Request) -> Response:
         docs = [d if isinstance(d, str) else d.text for d in req.documents]
         docs = _texts(docs, limits.max_documents, "documents")
         query = _texts(req.query, 1, "query")
-        q = batcher.encode(query, "query")[0]
-        vectors = batcher.encode(docs, "document")
-        scores = maxsim(q, vectors) if late else encoder.similarity(q, np.stack(vectors))
-        order = np.argsort(-scores, kind="stable")[: req.top_n]
-        results = []
-        for i in order:
-            r: dict[str, Any] = {"index": int(i), "relevance_score": float(scores[i])}
-            if req.return_documents:
-                r["document"] = {"text": docs[i]}
-            results.append(r)
-        return {"model": req.model or name, "results": results}
+        model = _check_string(req.model, "model") if req.model else name
+        _check_tokens(sum(costs(query, "query")) + sum(costs(docs, "document")), limits, "this rerank")
+        q_job = batcher.submit(query, "query", costs(query, "query"))
+        d_job = batcher.submit(docs, "document", costs(docs, "document"))
+
+        def cancel() -> None:
+            batcher.cancel(q_job)
+            batcher.cancel(d_job)
+
+        both = asyncio.gather(asyncio.wrap_future(q_job.future), asyncio.wrap_future(d_job.future))
+        (q,), vectors = await _until_done(request, both, cancel)
+
+        def answer() -> dict:
+            scores = maxsim(q, vectors) if late else encoder.similarity(q, np.stack(vectors))
+            order = np.argsort(-scores, kind="stable")[: req.top_n]
+            results = []
+            for i in order:
+                r: dict[str, Any] = {"index": int(i), "relevance_score": float(scores[i])}
+                if req.return_documents:
+                    r["document"] = {"text": docs[i]}
+                results.append(r)
+            return {"model": model, "results": results}
+
+        return await _render(answer)
 
     @app.post("/search")
-    def search(req: SearchRequest) -> dict:
+    async def search(req: SearchRequest, request: Request) -> Response:
         idx = need_index()
         if req.top_k > limits.max_top_k:
-            raise InvalidInputError(f"top_k={req.top_k} is over this server's limit of {limits.max_top_k}")
-        q = batcher.encode(_texts(req.query, 1, "query"), "query")[0]
-        hits = idx.search_vectors([q], req.top_k)[0]
-        return {
-            "results": [{"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata} for h in hits],
-            "documents": len(idx),
-        }
+            raise InvalidInputError(
+                f"top_k={req.top_k} is over this server's limit of {limits.max_top_k} (max_top_k)"
+            )
+        (q,), _ = await encode(request, _texts(req.query, 1, "query"), "query")
+
+        def answer() -> dict:
+            hits = idx.search_vectors([q], req.top_k)[0]
+            return {
+                "results": [
+                    {"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata} for h in hits
+                ],
+                "documents": len(idx),
+            }
+
+        return await _render(answer)
 
     @app.post("/documents")
-    def add_documents(req: AddRequest) -> dict:
+    async def add_documents(req: AddRequest, request: Request) -> dict:
         idx = need_index()
         texts = _texts([d.text for d in req.documents], limits.max_inputs, "documents")
         given = [d.id for d in req.documents if d.id is not None]
         if given and len(given) != len(texts):
             raise InvalidInputError("give every document an id, or none (the index then numbers them)")
-        ids = idx.add(
+        for i, d in enumerate(given):
+            _check_string(d, f"documents[{i}].id")
+        total = sum(
+            _check_metadata(d.metadata, f"documents[{i}].metadata", limits)
+            for i, d in enumerate(req.documents)
+            if d.metadata is not None
+        )
+        if total > limits.max_request_metadata_bytes:
+            raise TooMuchWorkError(
+                f"the documents' metadata is {total} bytes as JSON, over this server's limit of "
+                f"{limits.max_request_metadata_bytes} per request (max_request_metadata_bytes); "
+                "split the request"
+            )
+        _check_tokens(sum(costs(texts, "document")), limits, "documents")
+        ids = await in_thread(
+            request,
+            idx.add,
             texts,
             ids=given or None,
             metadata=[d.metadata for d in req.documents],
             on_duplicate=req.on_duplicate,
+            commit_every=len(texts),  # one commit: a cancelled request leaves nothing behind
         )
         return {"ids": ids, "documents": len(idx)}
 
     @app.delete("/documents")
-    def delete_documents(req: DeleteRequest) -> dict:
+    async def delete_documents(req: DeleteRequest, request: Request) -> dict:
         idx = need_index()
-        if len(req.ids) > limits.max_inputs * 4:
+        if len(req.ids) > limits.max_ids:
             raise InvalidInputError(
-                f"{len(req.ids)} ids is over this server's limit of {limits.max_inputs * 4}"
+                f"{len(req.ids)} ids is over this server's limit of {limits.max_ids} (max_ids)"
             )
-        deleted = idx.delete(req.ids, missing_ok=req.missing_ok)
+        ids = [_check_string(d, f"ids[{i}]") for i, d in enumerate(req.ids)]
+        deleted = await in_thread(request, idx.delete, ids, missing_ok=req.missing_ok)
         return {"deleted": deleted, "documents": len(idx)}
 
     return app
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running it
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_api_key(host: str, api_key: str | None) -> str | None:
+    """The key to require (``api_key``, else $LFM2EDGE_API_KEY); a non-loopback bind must have one."""
+    key = api_key or os.environ.get(API_KEY_ENV) or None  # an empty value is no key
+    if key is not None and (not key.strip() or len(key) < 8):
+        raise InvalidInputError(
+            "the API key must be at least 8 characters; generate one, e.g. `openssl rand -hex 16`"
+        )
+    if key is not None:
+        _check_string(key, "the API key")
+    if key is None and not is_loopback(host):
+        raise InvalidInputError(
+            f"binding {host} lets other machines connect, so the server needs an API key: pass --api-key KEY "
+            f"or set {API_KEY_ENV} (clients send `Authorization: Bearer KEY`), or bind 127.0.0.1"
+        )
+    return key
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def serve(
@@ -462,26 +794,68 @@ def serve(
     limits: ServerLimits = ServerLimits(),
     create_index: bool = False,
     log_level: str = "warning",
+    api_key: str | None = None,
+    allowed_hosts: Sequence[str] = (),
 ) -> None:
-    """Load ``model`` (and the index), serve until interrupted, then close them."""
+    """Load ``model`` (and the index), serve until SIGINT or SIGTERM, drain, then close them.
+
+    Prints one JSON line ``{"event": "listening", "url", "model"}`` once it accepts requests (``port=0``
+    picks a free port, which the url names). Exits the process with status 70 (EXIT_UNCLEAN_SHUTDOWN),
+    without freeing the model, only if a decode still ran ``shutdown_timeout_s`` after the requests stopped.
+    """
     import uvicorn
 
     from lfm2edge.runtime.encoders import load
+    from lfm2edge.runtime.http_protocol import guarded_protocol, listen, raise_open_files_limit
 
-    encoder = load(model, n_threads=n_threads)
+    key = check_api_key(host, api_key)
+    sock = listen(host, port)
+    # Each connection is a file descriptor: keep the cap below what the process may open.
+    open_files = raise_open_files_limit(limits.max_connections + 256)
+    max_connections = max(16, min(limits.max_connections, open_files - 128))
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = (
+        {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    )
+    encoder = app = None
     try:
+        encoder = load(model, n_threads=n_threads)
         index = None
         if index_path is not None:
             index = (
                 Index.open_or_create(index_path, encoder) if create_index else Index.open(index_path, encoder)
             )
-        app = create_app(encoder, index, limits, host)
+        app = create_app(encoder, index, limits, host, api_key=key, allowed_hosts=allowed_hosts)
+        config = uvicorn.Config(
+            app,
+            log_level=log_level,
+            http=guarded_protocol(limits.header_timeout_s, max_connections),
+            limit_concurrency=None,  # counts idle connections too; Guard limits requests instead
+            timeout_keep_alive=limits.keep_alive_s,
+            timeout_graceful_shutdown=limits.shutdown_timeout_s,
+        )
+        server = uvicorn.Server(config)
+        bound = sock.getsockname()
+        url_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         print(
-            json.dumps({"event": "listening", "url": f"http://{host}:{port}", "model": str(model)}),
+            json.dumps({"event": "listening", "url": f"http://{url_host}:{bound[1]}", "model": str(model)}),
             flush=True,
         )
-        uvicorn.run(
-            app, host=host, port=port, log_level=log_level, limit_concurrency=256, timeout_graceful_shutdown=5
-        )
+        for s in previous:  # from here a signal is uvicorn's to handle, even before it installs its own
+            signal.signal(s, server.handle_exit)
+        server.run(sockets=[sock])
     finally:
-        encoder.close()
+        sock.close()
+        if encoder is not None:
+            stopped = app is None or app.state.stop_encoding(limits.shutdown_timeout_s)
+            if not stopped:
+                print(
+                    f"error: a decode was still running {limits.shutdown_timeout_s:g} s after the shutdown; "
+                    "exiting without freeing the model",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(EXIT_UNCLEAN_SHUTDOWN)
+            encoder.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)

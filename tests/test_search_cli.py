@@ -125,12 +125,19 @@ def test_index_lifecycle_and_search(invoke, colbert_gguf, embedding_gguf, tmp_pa
     docs = write_lines(tmp_path / "docs.jsonl", records)
     r = invoke("index", "add", idx, docs, "--json", *T1)  # the model comes from the index
     assert r.code == 0, r.exception
-    assert r.json() == {"ids": [f"faq-{i}" for i in range(6)], "documents": 6}
+    assert r.json() == {
+        "ids": [f"faq-{i}" for i in range(6)],
+        "documents": 6,
+        "added": 6,
+        "skipped": 0,
+        "replaced": 0,
+    }
     r = invoke("index", "add", idx, "-", *T1, input="\n".join(DOCS[6:9]))
     assert r.code == 0 and "the index holds 9 documents" in r.stdout
     r = invoke("index", "add", idx, docs, *T1)
     assert r.code == 2 and "already in the index" in str(r.exception)
-    assert invoke("index", "add", idx, docs, "--on-duplicate", "skip", *T1).code == 0
+    r = invoke("index", "add", idx, docs, "--on-duplicate", "skip", *T1)  # counts what was done
+    assert r.code == 0 and "added 0 texts, 6 skipped" in r.stdout and "holds 9 documents" in r.stdout
     mixed = write_lines(
         tmp_path / "mixed.jsonl", [json.dumps({"id": "a", "text": "x"}), json.dumps({"text": "y"})]
     )
