@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,11 +53,6 @@ class BuildInfo:
         commit = self.llama_cpp_commit[:7] or "unknown commit"
         patches = ", ".join(self.patches) if self.patches else "none (stock build)"
         return f"llama-cpp-python {self.binding_version} (llama.cpp {commit}); lfm2edge patches: {patches}"
-
-
-def default_threads() -> int:
-    """The CPUs this process may use (its affinity where the OS has one)."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
