@@ -116,7 +116,7 @@ def converted(cache_folder: Path, checkpoint: Path, fmt: str, threads: int, stat
     return out, time.perf_counter() - t0
 
 
-def _checkpoint_key(path: Path) -> str:
+def checkpoint_key(path: Path) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors"))
     return _digest(str(path.resolve()), *[(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
                                          for p in files])
@@ -138,7 +138,7 @@ def from_checkpoint(
     from lfm2edge.convert.checkpoint import Checkpoint
 
     kind = Checkpoint(checkpoint).kind.value
-    folder = folder or cache / "converted" / f"{checkpoint.name}-{_checkpoint_key(checkpoint)}"
+    folder = folder or cache / "converted" / f"{checkpoint.name}-{checkpoint_key(checkpoint)}"
     ggufs, conversions = [], []
     for fmt in _formats_for(kind, formats):
         path, seconds = converted(folder, checkpoint, fmt, threads, status)

@@ -34,6 +34,9 @@ def make_plan(quick: bool, docs: str | None, k: int, batch_sizes: str | None, bu
             policy=RunPolicy(budget_s=0.1, min_runs=5, max_runs=200, cap_s=2.0, floor_runs=3, warmup_s=0.05),
             throughput_policy=RunPolicy(budget_s=0.05, min_runs=2, cap_s=2.0, floor_runs=2, warmup_s=0.05),
             maxsim_policy=RunPolicy(budget_s=0.05, min_runs=5, cap_s=1.0, floor_runs=3, warmup_s=0.02),
+            gap_s=0.05,
+            interactive_policy=RunPolicy(budget_s=0.05, min_runs=4, cap_s=2.0, floor_runs=3, warmup_s=0.02),
+            busy_document_policy=RunPolicy(budget_s=0.05, min_runs=2, cap_s=2.0, floor_runs=2, warmup_s=0.02),
         )
     else:
         plan = Plan()
@@ -103,12 +106,22 @@ def bench(
              "labelled '<format> AMX off' ('no extra bufts' without AMX); default: for the formats AMX tiles run "
              "(quantized; bf16 with patch llama.cpp/0004) where this CPU and build run AMX",
         show_default=False)] = None,
+    peers: Annotated[str | None, typer.Option(
+        "--peers", help="also measure the other CPU backends on the same ids and threads, exported from the "
+                        "reference (the 'peers' extra): onnxruntime (fp32, int8), openvino (default precision, "
+                        "f32, int8 weights); comma-separated", show_default=False)] = None,
+    gap: Annotated[float | None, typer.Option(
+        "--gap", help="idle seconds before each call of the interactive and busy query regimes (default 0.5)",
+        show_default=False)] = None,
+    busy: Annotated[bool, typer.Option(
+        "--busy/--no-busy", help="measure the busy regimes: another process keeps one core busy")] = True,
 ) -> None:
     """Benchmark the retrievers: p50/p95/p99 per regime, throughput, load time, memory and fidelity,
     with the PyTorch reference (fp32, bf16) measured side by side in the same run.
 
-    Regimes at 32-token queries and 256-token documents: query embedding; ColBERT query + MaxSim over
-    --docs cached documents; query + --k documents + MaxSim without a cache; document throughput.
+    Regimes at 32-token queries and 256-token documents: query embedding, back to back and after an idle
+    gap (quiet, and with another process keeping one core busy); ColBERT query + MaxSim over --docs cached
+    documents; query + --k documents + MaxSim without a cache; document throughput (quiet and busy).
 
     Example: lfm2edge bench --json bench.json --plot bench.png
     """
@@ -123,7 +136,14 @@ def bench(
         raise InvalidInputError(f"--threads must be at least 1, got {threads}")
     if quick and model is not None:
         raise InvalidInputError("--quick measures its own tiny model; leave MODEL out")
+    from lfm2edge.bench.peer_side import parse_peers
+
     plan = make_plan(quick, docs, k, batch_sizes, budget, min_runs, seed)
+    if gap is not None:
+        if not 0 <= gap <= 60:
+            raise InvalidInputError(f"--gap must be between 0 and 60 seconds, got {gap}")
+        plan = replace(plan, gap_s=gap)
+    plan = replace(plan, busy=busy)
     fmt_list = tuple(f.strip().lower() for f in formats.split(",") if f.strip()) if formats else None
     config = BenchConfig(
         model=model,
@@ -136,6 +156,7 @@ def bench(
         quick=quick,
         stock_python=stock_python,
         amx_off_side=amx_off_side,
+        peers=parse_peers(peers),
         cache_dir=(cache_dir or default_cache_dir()).expanduser(),
         command=" ".join(["lfm2edge", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "lfm2edge bench",
     )

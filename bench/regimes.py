@@ -8,7 +8,10 @@ measures every figure of one side:
 - ``maxsim``: MaxSim of one query over N cached documents, no encoding (ColBERT);
 - ``query_maxsim_cached``: encode one query, MaxSim over N cached documents, top 10 (ColBERT);
 - ``rerank_uncached``: encode one query and k documents, MaxSim, sort (ColBERT, no cache);
-- ``document_batch``: encode a batch of documents, per batch size (throughput, both models).
+- ``document_batch``: encode a batch of documents, per batch size (throughput, both models);
+- ``query_interactive``: one query after an idle gap, as a person types them (engines' threads asleep);
+- ``query_busy`` / ``document_busy``: the same query regime, and one document at a time, while another
+  process keeps one core busy (``load.busy_core``): what a desktop app meets.
 
 Cached documents are random unit vectors of the real shape [document tokens, dim] in float16
 (``PackedDocuments``): MaxSim's cost depends on their shape, not their values. MaxSim is
@@ -24,10 +27,14 @@ from typing import Protocol
 import numpy as np
 
 from lfm2edge.bench.inputs import Texts, make_texts
+from lfm2edge.bench.load import busy_core
 from lfm2edge.bench.results import (
     DOCUMENT_BATCH,
+    DOCUMENT_BUSY,
     MAXSIM,
     QUERY,
+    QUERY_BUSY,
+    QUERY_INTERACTIVE,
     QUERY_MAXSIM_CACHED,
     RERANK_UNCACHED,
     Figure,
@@ -56,6 +63,10 @@ class Plan:
     policy: RunPolicy = field(default_factory=RunPolicy)
     throughput_policy: RunPolicy = field(default_factory=lambda: RunPolicy(min_runs=3))
     maxsim_policy: RunPolicy = field(default_factory=lambda: RunPolicy(budget_s=1.5))
+    gap_s: float = 0.5  # idle time before each call of the interactive and busy query regimes
+    busy: bool = True  # measure the busy regimes (another process on one core)
+    interactive_policy: RunPolicy = field(default_factory=lambda: RunPolicy(budget_s=2.0, min_runs=15, cap_s=40.0))
+    busy_document_policy: RunPolicy = field(default_factory=lambda: RunPolicy(budget_s=2.0, min_runs=5, cap_s=40.0))
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,7 @@ class SideSpec:
     query_expansion: str | None = None  # torch: mirror the llama.cpp side's mode
     python: str | None = None  # another interpreter (e.g. a stock llama.cpp build); None: this one
     extra_buffers: bool | None = None  # llama.cpp's CPU extra buffer types (AMX, repack); None: the build decides
+    checkpoint: str | None = None  # peers: the checkpoint whose tokenizer and settings prepare the texts
 
     @property
     def colbert(self) -> bool:
@@ -80,8 +92,9 @@ class SideSpec:
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
-        # The reference runs one unpadded sequence per call (padding would change its outputs).
-        return (1,) if self.engine == "torch" else self.plan.batch_sizes
+        # The reference and the graphs exported from it run one unpadded sequence per call (padding would
+        # change their outputs).
+        return self.plan.batch_sizes if self.engine == "llama.cpp" else (1,)
 
 
 class Engine(Protocol):
@@ -109,10 +122,14 @@ class Engine(Protocol):
 
 def figure_plan(spec: SideSpec) -> list[tuple]:
     """The figure keys a side will measure, in order: for progress totals."""
-    keys: list[tuple] = [(QUERY, None, None, None)]
+    keys: list[tuple] = [(QUERY, None, None, None), (QUERY_INTERACTIVE, None, None, None)]
+    if spec.plan.busy:
+        keys.append((QUERY_BUSY, None, None, None))
     if spec.colbert:
         keys.append((RERANK_UNCACHED, None, spec.plan.k, None))
     keys += [(DOCUMENT_BATCH, None, None, b) for b in spec.batch_sizes]
+    if spec.plan.busy:
+        keys.append((DOCUMENT_BUSY, None, None, 1))
     if spec.colbert:
         for n in spec.plan.cached_docs:
             keys += [(MAXSIM, n, None, None), (QUERY_MAXSIM_CACHED, n, None, None)]
@@ -187,6 +204,15 @@ def measure_side(
 
     progress("query")
     figures.append(_figure(QUERY, measure(query_run, plan.policy), tokens_per_run=plan.query_tokens))
+    # Quiet and busy interactive figures back to back, so their ratio compares one state of the machine.
+    progress("query after an idle gap")
+    figures.append(_figure(QUERY_INTERACTIVE, measure(query_run, plan.interactive_policy, plan.gap_s),
+                           tokens_per_run=plan.query_tokens))
+    if plan.busy:
+        progress("query after an idle gap, one core busy")
+        with busy_core():
+            seconds = measure(query_run, plan.interactive_policy, plan.gap_s)
+        figures.append(_figure(QUERY_BUSY, seconds, tokens_per_run=plan.query_tokens))
 
     if spec.colbert:
         k = plan.k
@@ -215,6 +241,16 @@ def measure_side(
         figures.append(_figure(DOCUMENT_BATCH, measure(batch_run, policy), batch_size=b, items_per_run=b,
                                tokens_per_run=b * plan.document_tokens))
         docs_warm = True
+    if plan.busy:
+
+        def busy_document_run(i: int) -> None:
+            engine.encode_documents([docs[i % nd]], 1)
+
+        progress("document, one core busy")
+        with busy_core():
+            seconds = measure(busy_document_run, replace(plan.busy_document_policy, max_warmup_runs=1))
+        figures.append(_figure(DOCUMENT_BUSY, seconds, batch_size=1, items_per_run=1,
+                               tokens_per_run=plan.document_tokens))
     _, peak_encode = memory_now()
 
     if spec.colbert:

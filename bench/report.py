@@ -9,7 +9,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lfm2edge.bench.results import REGIMES, BenchResult, Figure, ModelResult, SideResult, to_jsonable
+from lfm2edge.bench.results import (
+    QUERY,
+    QUERY_INTERACTIVE,
+    REGIMES,
+    BenchResult,
+    Figure,
+    ModelResult,
+    SideResult,
+    to_jsonable,
+)
 
 MIB = 2**20
 
@@ -88,11 +97,12 @@ def latency_table(model: ModelResult) -> Table:
 def summary_table(model: ModelResult) -> Table:
     t = Table(title=f"{model.name}: per format", title_justify="left")
     for col in ("side", "file MiB", "load s", "peak RSS MiB", "docs/s (batch)", "tokens/s",
-                "cos min", "cos mean", "rank rho", "top-1", "others' CPU"):
+                "busy/quiet p50 / p95", "cos min", "cos mean", "rank rho", "top-1", "others' CPU"):
         t.add_column(col, justify="left" if col == "side" else "right")
     for side in model.sides:
         best = side.best_document_figure()
         fid = side.fidelity
+        busy = side.busy_ratio()
         t.add_row(
             side.label,
             f"{side.file_size_bytes / MIB:,.0f}",
@@ -100,6 +110,7 @@ def summary_table(model: ModelResult) -> Table:
             f"{side.memory.peak_encode / MIB:,.0f}",
             "-" if best is None else f"{best.items_per_s:,.2f} ({best.batch_size})",
             "-" if best is None or best.tokens_per_s is None else f"{best.tokens_per_s:,.0f}",
+            "-" if busy is None else f"{busy[0]:.2f} / {busy[1]:.2f}",
             "ref" if _is_reference(side) else "-" if fid is None else f"{fid.cosine_min:.5f}",
             "ref" if _is_reference(side) else "-" if fid is None else f"{fid.cosine_mean:.6f}",
             "-" if fid is None else f"{fid.rank_spearman_mean:.3f}",
@@ -134,8 +145,10 @@ def print_report(result: BenchResult, console: Console) -> None:
             console.print(f"[red]{e.model} {e.engine} {e.format} failed:[/red] {e.error}")
     console.print()
     console.print("* best document batch size of that side. Peak RSS: the side's own process after loading "
-                  "and encoding (before the cached-document index). Others' CPU: share of the machine other "
-                  "processes used while the side ran (0% on a quiet machine).")
+                  "and encoding (before the cached-document index). busy/quiet: the query after an idle gap "
+                  "with another process keeping one core busy, over the same on a quiet machine. Others' CPU: "
+                  "share of the machine other processes used while the side ran (0% on a quiet machine; the "
+                  "busy regimes' own competing process is not counted).")
     for note in result.notes:
         console.print(f"- {note}")
     console.print(f"wall time {result.wall_s:,.0f} s")
@@ -146,8 +159,25 @@ def write_json(result: BenchResult, path: Path) -> None:
     path.write_text(json.dumps(to_jsonable(result), indent=1) + "\n", encoding="utf-8")
 
 
+def _pareto(ax, title: str, model: ModelResult) -> None:
+    """Query p50 after an idle gap against per-token cosine mean (vs PyTorch fp32), one point per side."""
+    for side in model.sides:
+        fig = side.figure(QUERY_INTERACTIVE) or side.figure(QUERY)
+        cos = 1.0 if _is_reference(side) else side.fidelity.cosine_mean if side.fidelity else None
+        if fig is None or cos is None:
+            continue
+        ax.scatter([cos], [fig.summary.p50_ms], s=18)
+        ax.annotate(side.label, (cos, fig.summary.p50_ms), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("per-token cosine mean vs PyTorch fp32")
+    ax.set_ylabel("query p50 ms (after an idle gap)")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def write_plot(result: BenchResult, path: Path) -> None:
-    """One panel per (model, figure): box plots of every side's runs, whiskers at p1/p99, log scale."""
+    """One panel per (model, figure): box plots of every side's runs, whiskers at p1/p99, log scale; then
+    per model, every side's query latency against its fidelity (the Pareto view)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,12 +189,17 @@ def write_plot(result: BenchResult, path: Path) -> None:
         for proto in keys:
             series = [(s.label, f) for s in model.sides for f in s.figures if f.key == proto.key]
             panels.append((f"{model.name}: {proto.label}", series))
+        if any(s.fidelity for s in model.sides):
+            panels.append((f"{model.name}: speed against fidelity", model))
     if not panels:
         raise ValueError("nothing was measured: no plot")
     cols = min(3, len(panels))
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
     for ax, (title, series) in zip(axes.ravel(), panels, strict=False):
+        if isinstance(series, ModelResult):
+            _pareto(ax, title, series)
+            continue
         ax.boxplot([f.samples_ms for _, f in series], whis=(1, 99), showfliers=True,
                    flierprops={"markersize": 2})
         ax.set_xticks(range(1, len(series) + 1), [label for label, _ in series], rotation=20, fontsize=8)

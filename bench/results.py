@@ -18,6 +18,9 @@ SCHEMA = "lfm2edge.bench/1"
 
 ENGINE_LLAMA = "llama.cpp"
 ENGINE_TORCH = "torch"
+ENGINE_ONNXRUNTIME = "onnxruntime"
+ENGINE_OPENVINO = "openvino"
+PEER_ENGINES = (ENGINE_ONNXRUNTIME, ENGINE_OPENVINO)
 
 # Regimes (the JSON's "regime" values).
 QUERY = "query"  # encode one query
@@ -25,7 +28,13 @@ MAXSIM = "maxsim"  # MaxSim of one query over N cached documents, no encoding (c
 QUERY_MAXSIM_CACHED = "query_maxsim_cached"  # encode one query + MaxSim over N cached documents + top 10
 RERANK_UNCACHED = "rerank_uncached"  # encode one query + k documents + MaxSim + sort (a reranker, no cache)
 DOCUMENT_BATCH = "document_batch"  # encode a batch of documents (throughput)
-REGIMES = (QUERY, MAXSIM, QUERY_MAXSIM_CACHED, RERANK_UNCACHED, DOCUMENT_BATCH)
+# How desktop apps call: a query after an idle gap (a person typing), and the same while another process
+# keeps one core busy (the bench starts it and stops it); documents one at a time under the same load.
+QUERY_INTERACTIVE = "query_interactive"
+QUERY_BUSY = "query_busy"
+DOCUMENT_BUSY = "document_busy"
+REGIMES = (QUERY, MAXSIM, QUERY_MAXSIM_CACHED, RERANK_UNCACHED, DOCUMENT_BATCH, QUERY_INTERACTIVE, QUERY_BUSY,
+           DOCUMENT_BUSY)
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,12 @@ class Figure:
             return f"query + {self.k} doc{'s' if self.k != 1 else ''} + MaxSim"
         if self.regime == DOCUMENT_BATCH:
             return f"documents, batch {self.batch_size}"
+        if self.regime == QUERY_INTERACTIVE:
+            return "query after an idle gap"
+        if self.regime == QUERY_BUSY:
+            return "query after an idle gap, one core busy"
+        if self.regime == DOCUMENT_BUSY:
+            return "document, one core busy"
         return self.regime
 
     @property
@@ -134,6 +149,17 @@ class SideResult:
     def best_document_figure(self) -> Figure | None:
         docs = [f for f in self.figures if f.regime == DOCUMENT_BATCH]
         return max(docs, key=lambda f: f.items_per_s or 0.0) if docs else None
+
+    def figure(self, regime: str) -> Figure | None:
+        """The side's first figure of ``regime`` (the regimes without parameters have one)."""
+        return next((f for f in self.figures if f.regime == regime), None)
+
+    def busy_ratio(self) -> tuple[float, float] | None:
+        """(p50, p95) of the query with one core busy over the same query on a quiet machine, both after a gap."""
+        quiet, busy = self.figure(QUERY_INTERACTIVE), self.figure(QUERY_BUSY)
+        if quiet is None or busy is None or quiet.summary.p50_ms <= 0 or quiet.summary.p95_ms <= 0:
+            return None
+        return busy.summary.p50_ms / quiet.summary.p50_ms, busy.summary.p95_ms / quiet.summary.p95_ms
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import importlib.util
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import signal
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -20,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from lfm2edge.bench import artifacts, fidelity
+from lfm2edge.bench import artifacts, fidelity, peer_side
 from lfm2edge.bench.machine import (
     amx_usable,
     describe_machine,
@@ -86,6 +87,7 @@ class BenchConfig:
     # The same GGUFs with llama.cpp's CPU extra buffer types off, as extra sides: True for every format,
     # False never, None for the quantized formats AMX takes, where this machine and build run AMX.
     amx_off_side: bool | None = None
+    peers: tuple[str, ...] = ()  # other CPU backends (peer_side.PEER_FORMATS), exported from the reference
 
 
 def torch_available() -> bool:
@@ -128,12 +130,46 @@ def side_specs(model: artifacts.ModelSpec, config: BenchConfig) -> list[SideSpec
             for s in specs
             if s.extra_buffers is None  # the stock build keeps its own choice
         ]
+    if model.checkpoint is not None:
+        folder = peer_side.export_folder(config.cache_dir, model.checkpoint)
+        specs += [
+            SideSpec(model.name, model.kind, peer, fmt, str(peer_side.graph_path(folder, peer, fmt)), config.threads,
+                     config.plan, checkpoint=str(model.checkpoint))
+            for peer in config.peers
+            for fmt in peer_side.PEER_FORMATS[peer]
+        ]
     if config.vs_torch and model.checkpoint is not None:
         specs += [
             SideSpec(model.name, model.kind, ENGINE_TORCH, dt, str(model.checkpoint), config.threads, config.plan)
             for dt in TORCH_DTYPES
         ]
     return specs
+
+
+def prepare_peers(models: list[artifacts.ModelSpec], config: BenchConfig, reporter: Reporter) -> BenchConfig:
+    """Export the peers' graphs that are not cached yet, each model in its own process; drop unusable peers."""
+    peers = []
+    for peer in config.peers:
+        missing = peer_side.missing_modules(peer)
+        if missing:
+            reporter.status(f"no {peer} side: {', '.join(missing)} not installed (pip install 'lfm2edge[peers]')")
+        else:
+            peers.append(peer)
+    if not peers:
+        return replace(config, peers=())
+    ctx = mp.get_context("spawn")
+    for m in models:
+        if m.checkpoint is None:
+            reporter.status(f"{m.name}: a GGUF without --reference has no checkpoint to export for the peers")
+            continue
+        folder = peer_side.export_folder(config.cache_dir, m.checkpoint)
+        reporter.status(f"{m.name}: exporting the reference for {', '.join(peers)} (cached in {folder})")
+        proc = ctx.Process(target=peer_side.export, args=(m.checkpoint, folder, tuple(peers)))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(f"exporting {m.name} for {', '.join(peers)} failed (exit code {proc.exitcode})")
+    return replace(config, peers=tuple(peers))
 
 
 def run_side(spec: SideSpec, reporter: Reporter) -> SideOutput | SideError:
@@ -167,7 +203,9 @@ def run_side(spec: SideSpec, reporter: Reporter) -> SideOutput | SideError:
             try:
                 kind, payload, *rest = q.get(timeout=2.0)
             except queue_mod.Empty:
-                error = f"the side's process died (exit code {proc.exitcode})"
+                code = proc.exitcode
+                how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+                error = f"the side's process died ({how})"
                 break
         if kind == "progress":
             if seen:
@@ -247,7 +285,7 @@ def run_model(model: artifacts.ModelSpec, config: BenchConfig, reporter: Reporte
     errors: list[SideError] = []
     expansion: str | None = None
     for spec in side_specs(model, config):
-        if spec.engine == ENGINE_TORCH:
+        if spec.engine != ENGINE_LLAMA:  # PyTorch and the peers mirror the llama.cpp side's expansion mode
             spec = replace(spec, query_expansion=expansion)
         out = run_side(spec, reporter)
         if isinstance(out, SideError):
@@ -317,6 +355,8 @@ def run_bench(config: BenchConfig, reporter: Reporter) -> BenchResult:
         reporter.status("PyTorch (torch, transformers) is not installed: no PyTorch side, no ratios, no fidelity")
         config = replace(config, vs_torch=False)
     models = prepare_models(config, reporter)
+    if config.peers:
+        config = prepare_peers(models, config, reporter)
     if config.vs_torch and not any(m.checkpoint for m in models):
         reporter.status("a GGUF without --reference: no PyTorch side, no ratios, no fidelity")
     reporter.begin(sum(1 + len(figure_plan(s)) for m in models for s in side_specs(m, config)))
@@ -333,6 +373,9 @@ def run_bench(config: BenchConfig, reporter: Reporter) -> BenchResult:
         "vs_torch": config.vs_torch,
         "quick": config.quick,
         "amx_off_side": config.amx_off_side,
+        "peers": list(config.peers),
+        "gap_s": p.gap_s,
+        "busy": p.busy,
         "query_tokens": p.query_tokens,
         "document_tokens": p.document_tokens,
         "queries": p.n_queries,

@@ -77,11 +77,13 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
             gc.enable()
 
 
-def measure(run: Callable[[int], object], policy: RunPolicy) -> np.ndarray:
+def measure(run: Callable[[int], object], policy: RunPolicy, gap_s: float = 0.0) -> np.ndarray:
     """Seconds of each measured call of ``run(i)`` (i counts calls from 0, warm-up included).
 
     Warm-up calls are not recorded: up to ``max_warmup_runs``, stopping once they took ``warmup_s``
-    together (``max_warmup_runs=0``: none, for code the previous figure already warmed).
+    together (``max_warmup_runs=0``: none, for code the previous figure already warmed). ``gap_s``
+    idles before every measured call (not timed, not counted in the budget): calls as a person
+    makes them, after the engine's threads went to sleep.
     """
     i = 0
     spent = 0.0
@@ -94,10 +96,12 @@ def measure(run: Callable[[int], object], policy: RunPolicy) -> np.ndarray:
     samples: list[float] = []
     start = time.perf_counter()
     while len(samples) < policy.max_runs:
+        if gap_s > 0:
+            time.sleep(gap_s)
         dt, _ = timed(lambda: run(i))  # noqa: B023 - called immediately
         samples.append(dt)
         i += 1
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start - gap_s * len(samples)
         if len(samples) >= policy.min_runs and elapsed >= policy.budget_s:
             break
         if elapsed >= policy.cap_s and len(samples) >= policy.floor_runs:

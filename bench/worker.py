@@ -39,10 +39,13 @@ def child_main(spec, queue) -> None:
     try:
         if spec.engine == "torch":
             from lfm2edge.bench.torch_side import run
-        else:
+        elif spec.engine == "llama.cpp":
             from lfm2edge.bench.llama_side import run
+        else:
+            from lfm2edge.bench.peer_side import run
         output = run(spec, lambda text: queue.put(("progress", text)))
         t = os.times()
-        queue.put(("result", output, t.user + t.system))
+        # Children's time included: the busy regimes' competing process is the side's own child.
+        queue.put(("result", output, t.user + t.system + t.children_user + t.children_system))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as text
         queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}", 0.0))

@@ -49,12 +49,14 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str
     out = tmp_path_factory.mktemp("bench")
     json_path, png_path = out / "bench.json", out / "bench.png"
     result = CliRunner().invoke(app, [
-        "bench", "--quick", "--threads", "1", "--cache-dir", str(out / "cache"),
+        "bench", "--quick", "--threads", "2", "--cache-dir", str(out / "cache"),
         "--json", str(json_path), "--plot", str(png_path),
         # a second interpreter's llama.cpp sides (here the same one): the stock-build comparison's plumbing
         "--stock-python", sys.executable,
         # every GGUF again with llama.cpp's CPU extra buffers off, whether or not this machine has AMX
         "--amx-off-side",
+        # the other CPU backends, exported from the reference
+        "--peers", "onnxruntime,openvino",
     ])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return json.loads(json_path.read_text()), png_path, result.output
@@ -74,7 +76,7 @@ def test_json_schema(quick_run):
     assert MACHINE_KEYS <= data["machine"].keys()
     assert LLAMA_KEYS <= data["machine"]["llama_cpp"].keys()
     assert isinstance(data["machine"]["llama_cpp"]["patches"], list)
-    assert data["machine"]["threads"] == 1
+    assert data["machine"]["threads"] == 2
     assert {m["name"] for m in data["models"]} == {"ColBERT", "Embedding"}
     for model in data["models"]:
         assert MODEL_KEYS <= model.keys()
@@ -91,7 +93,7 @@ def test_json_schema(quick_run):
             assert side["file_size_bytes"] > 0 and side["load_s"] > 0
             assert side["query_tokens"] == 32 and side["document_tokens"] == 256
             regimes = {f["regime"] for f in side["figures"]}
-            expected = {"query", "document_batch"}
+            expected = {"query", "document_batch", "query_interactive", "query_busy", "document_busy"}
             if model["kind"] == "late_interaction":
                 expected |= {"maxsim", "query_maxsim_cached", "rerank_uncached"}
             assert regimes == expected
@@ -103,6 +105,36 @@ def test_json_schema(quick_run):
                 assert FIDELITY_KEYS <= fid.keys()
                 assert -1.0 <= fid["cosine_min"] <= fid["cosine_mean"] <= 1.0 + 1e-9
                 assert 0.0 <= fid["rank_top1_agreement"] <= 1.0
+
+
+PEER_SIDES = {"onnxruntime fp32", "onnxruntime int8", "openvino default", "openvino f32", "openvino int8"}
+
+
+def test_peers_run_the_reference_on_the_same_ids(quick_run):
+    """ONNX Runtime and OpenVINO run graphs exported from the reference: at fp32 they agree with it."""
+    data, _, output = quick_run
+    for model in data["models"]:
+        sides = {s["label"]: s for s in model["sides"]}
+        assert PEER_SIDES <= sides.keys(), model["name"]
+        for label in ("onnxruntime fp32", "openvino f32"):
+            assert sides[label]["fidelity"]["cosine_min"] > 0.9999, (model["name"], label)
+            assert sides[label]["query_tokens"] == 32
+        # the same expansion mode as the llama.cpp sides (PyLate's masked pads where the build has the patch)
+        llama = next(s for s in model["sides"] if s["engine"] == "llama.cpp")
+        assert sides["onnxruntime fp32"]["query_expansion"] == llama["query_expansion"]
+    assert "busy/quiet" in output
+
+
+def test_busy_regimes_measure_after_a_gap(quick_run):
+    """Every side has the quiet and busy interactive figures the busy/quiet ratio is made of."""
+    data, _, _ = quick_run
+    for model in data["models"]:
+        for side in model["sides"]:
+            figs = {f["regime"]: f for f in side["figures"]}
+            assert figs["query_interactive"]["summary"]["n"] >= 3
+            assert figs["query_busy"]["summary"]["n"] >= 3
+            assert figs["document_busy"]["batch_size"] == 1
+    assert data["settings"]["busy"] is True and data["settings"]["gap_s"] > 0
 
 
 def test_percentiles_are_ordered(quick_run):
