@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lfm2edge.runtime.errors import Lfm2EdgeError
+from lfm2edge.runtime.settings import ModelKind
 
 Side = Literal["query", "document"]
 
@@ -43,7 +44,7 @@ class Job:
     texts: list[str]
     side: Side
     costs: list[int]  # the tokens each text may take: what fills a batch
-    count_tokens: bool = False  # also count the texts' tokens (OpenAI's usage field) into ``tokens``
+    count_tokens: bool = False  # also count the tokens decoded (the usage fields) into ``tokens``
     future: Future = field(default_factory=Future)
     results: list[Any] = field(default_factory=list)
     handed_out: int = 0  # texts given to a batch so far
@@ -60,6 +61,18 @@ def _settle(future: Future, result: Any = None, error: BaseException | None = No
             future.set_result(result)
     except InvalidStateError:
         pass
+
+
+def encoded_length(encoder, text: str, side: Side) -> int:
+    """The tokens the encoder decodes for ``text`` (what usage fields report): BOS, the marker or prompt
+    and the text, truncated at the side's length; a ColBERT query with its expansion pads."""
+    if encoder.kind is ModelKind.LATE_INTERACTION:
+        return len(encoder.prepare_query(text)[0] if side == "query" else encoder.prepare_document(text))
+    s = encoder.settings
+    prompt = s.query_prefix if side == "query" else s.document_prefix
+    length = s.query_length if side == "query" else s.document_length
+    # As DenseEncoder prepares a text (sentence-transformers): prompt prepended, stripped, truncated.
+    return min(len(encoder.tokenize((prompt + text).strip())), length)
 
 
 class Batcher:
@@ -197,7 +210,7 @@ class Batcher:
     def _complete(self, job: Job) -> None:
         try:
             if job.count_tokens:
-                job.tokens = sum(len(self.encoder.tokenize(t)) for t in job.texts)
+                job.tokens = sum(encoded_length(self.encoder, t, job.side) for t in job.texts)
         except Exception as e:
             _settle(job.future, error=e)
             return

@@ -7,17 +7,30 @@
 | ``GET /health`` | | ``{status, model: {name, kind, dim, identity}, index: {documents, ...} or null}`` |
 | ``POST /v1/embeddings`` | ``{input, model?, encoding_format?, input_type?}`` | ``{object, data, usage}`` |
 | ``POST /embed`` | ``{input, input_type?, encoding_format?}`` | per-token matrices (ColBERT), vectors |
-| ``POST /rerank`` | ``{query, documents, top_n?, return_documents?}`` | ``{results: [{index, ...}]}`` |
+| ``POST /rerank``, ``/v1/rerank``, ``/v2/rerank`` | ``{query, documents, top_n?}`` | ``{id, results, ...}`` |
 | ``POST /search`` | ``{query, top_k?}`` | ``{results: [{id, score, text, metadata}]}`` |
 | ``POST /documents`` | ``{documents: [{id?, text, metadata?}], on_duplicate?}`` | ``{ids, documents}`` |
 | ``DELETE /documents`` | ``{ids, missing_ok?}`` | ``{deleted, documents}`` |
 
-/v1/embeddings is OpenAI's schema (dense models); /rerank is Cohere's and Jina's: each result is
-``{index, relevance_score, document?: {text}}``. Errors are JSON ``{"error": {"message", "type",
-"code"}}``: 400 or 422 for input the client sent wrong, 401 without the API key, 404 for /search and
-/documents without an index, 408 for a body that does not arrive in time, 409 for an id already
-indexed, 413 for work over a limit, 503 while busy or shutting down. Every limit (``ServerLimits``)
-is named in its error. A 500 says only that the server log has the details.
+/v1/embeddings is OpenAI's schema (dense models). ``input`` is a text, texts, or token ids
+(``[int]`` for one text, ``[[int]]`` for several): ids of this model's vocabulary, read back as the
+text they spell and encoded exactly as that text (a leading BOS is dropped; ids outside the
+vocabulary and unused placeholder rows are a 400 naming the position). OpenAI clients send no
+``input_type``, so they get the document side (``extra_body={"input_type": "query"}`` for queries).
+``usage.prompt_tokens`` counts the tokens decoded: BOS, prompt and text, truncated.
+
+The three rerank paths are one endpoint, answering Cohere's v1 and v2 schemas and Jina's: each
+result is ``{index, relevance_score, score, document?: {text}}``; ``relevance_score`` is the raw
+score mapped into [0, 1] (``relevance_scores``: ColBERT's MaxSim divided by the query's vectors, or
+the cosine, as (x + 1) / 2), ``score`` the raw MaxSim or cosine that /search reports. ``id`` is a
+fresh UUID, ``meta`` is ``{api_version: {version}, billed_units: {search_units}}`` (one unit per 100
+documents) and ``usage.total_tokens`` the tokens decoded for the query and documents.
+
+Errors are JSON ``{"error": {"message", "type", "code"}}``: 400 or 422 for input the client sent
+wrong, 401 without the API key, 404 for /search and /documents without an index, 408 for a body
+that does not arrive in time, 409 for an id already indexed, 413 for work over a limit, 503 while
+busy or shutting down. Every limit (``ServerLimits``) is named in its error. A 500 says only that
+the server log has the details.
 
 Hardening (each part says why where it is):
 - Work: the micro-batcher (runtime/batcher.py) is the only thread that calls the encoder. It fills
@@ -37,15 +50,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import ipaddress
 import json
 import logging
+import math
 import os
 import secrets
 import signal
 import socket
 import sys
 import threading
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -56,7 +72,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -73,8 +89,9 @@ from lfm2edge.runtime.index import DuplicateIdError, Index, IndexCorruptError, m
 from lfm2edge.runtime.maxsim import maxsim
 from lfm2edge.runtime.settings import ModelKind
 from lfm2edge.runtime.text import check_text
+from lfm2edge.runtime.vocabulary import Vocabulary
 
-__all__ = ["Batcher", "ServerLimits", "create_app", "is_loopback", "serve"]
+__all__ = ["Batcher", "ServerLimits", "create_app", "is_loopback", "relevance_scores", "serve"]
 
 log = logging.getLogger("lfm2edge.server")
 T = TypeVar("T")
@@ -84,6 +101,8 @@ API_KEY_ENV = "LFM2EDGE_API_KEY"
 EXIT_UNCLEAN_SHUTDOWN = 70
 # Tokens a text may add to its UTF-8 bytes: BOS, the marker or prompt.
 TEXT_TOKEN_OVERHEAD = 8
+# Documents per Cohere search unit (meta.billed_units.search_units).
+SEARCH_UNIT_DOCUMENTS = 100
 
 
 @dataclass(frozen=True)
@@ -130,10 +149,13 @@ class _Body(BaseModel):
 
 
 class EmbeddingsRequest(_Body):
-    input: str | list[str]
+    # OpenAI's four forms: a text, texts, one text's token ids, token ids per text (StrictInt: "7" and
+    # true are not ids).
+    input: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
+    # OpenAI clients never send it, so they get the document side; extra_body={"input_type": "query"}.
     input_type: Side = Field("document", description="LFM2 models encode queries and documents differently")
 
 
@@ -148,6 +170,9 @@ class RerankDocument(_Body):
 
 
 class RerankRequest(_Body):
+    """Cohere's v1 and v2 and Jina's rerank body; their other fields (rank_fields, max_chunks_per_doc,
+    max_tokens_per_doc) are ignored: documents are truncated at the model's document length."""
+
     query: str
     documents: list[str | RerankDocument]
     top_n: int | None = Field(None, ge=1)
@@ -181,17 +206,39 @@ class DeleteRequest(_Body):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _texts(value: str | list[str], limit: int, field: str = "input") -> list[str]:
-    """The texts of ``field``, checked: at least one, at most ``limit``, each valid Unicode and not blank."""
-    if isinstance(value, str):
-        return [check_text(value, field)]
+def _check_count(value: list, limit: int, field: str) -> None:
     if not value:
         raise InvalidInputError(f"{field} is empty: send at least one text")
     if len(value) > limit:
         raise InvalidInputError(
             f"{len(value)} texts in {field} is over this server's limit of {limit} per request; split them"
         )
+
+
+def _texts(value: str | list[str], limit: int, field: str = "input") -> list[str]:
+    """The texts of ``field``, checked: at least one, at most ``limit``, each valid Unicode and not blank."""
+    if isinstance(value, str):
+        return [check_text(value, field)]
+    _check_count(value, limit, field)
     return [check_text(t, f"{field}[{i}]") for i, t in enumerate(value)]
+
+
+def _embedding_texts(
+    value: str | list[str] | list[int] | list[list[int]], limit: int, vocabulary: Vocabulary, length: int
+) -> list[str]:
+    """The texts of an OpenAI ``input``: texts as sent, token ids as the text they spell in this model's
+    vocabulary (runtime/vocabulary.py), so either form is then encoded the same way.
+
+    Of each id list only the first ``2 * length`` ids are read back (all are checked): the model keeps
+    ``length`` tokens, and the margin keeps the re-tokenized text's first ``length`` tokens exact.
+    """
+    keep = 2 * length
+    if isinstance(value, str) or not value or isinstance(value[0], str):
+        return _texts(value, limit)
+    if isinstance(value[0], int):  # one text's ids
+        return _texts(vocabulary.text(value, "input", keep), 1)
+    _check_count(value, limit, "input")
+    return _texts([vocabulary.text(ids, f"input[{i}]", keep) for i, ids in enumerate(value)], limit)
 
 
 def _check_string(value: str, where: str) -> str:
@@ -522,6 +569,17 @@ async def _until_done(request: Request, work: Awaitable[T], on_gone: Callable[[]
     return task.result()
 
 
+def relevance_scores(scores: np.ndarray, query_vectors: int | None) -> np.ndarray:
+    """Cohere's ``relevance_score`` in [0, 1] from the raw scores, in the same order.
+
+    A dense score is a cosine; a ColBERT score (MaxSim) is a sum of one cosine per query vector, so
+    divided by ``query_vectors`` it is their mean. Either lies in [-1, 1] and maps linearly to
+    (x + 1) / 2: 0.5 is orthogonal, 1 identical. Comparable across queries, not a probability.
+    """
+    mean = scores / query_vectors if query_vectors else scores
+    return np.clip((mean.astype(np.float64) + 1.0) / 2.0, 0.0, 1.0)  # clip: unit rows round past 1
+
+
 def _vector_payload(v: np.ndarray, encoding_format: str) -> Any:
     if encoding_format == "base64":  # OpenAI's format: little-endian float32 bytes
         return base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode("ascii")
@@ -563,6 +621,10 @@ def create_app(
     if index is not None:
         index.encoder = BatchedEncoder(encoder, batcher, costs)
     hosts = default_allowed_hosts(host) | {h.strip("[]").lower() for h in allowed_hosts}
+
+    @functools.cache
+    def vocabulary() -> Vocabulary:  # read back token-id input; built on the first such request
+        return Vocabulary.of(encoder.model_file.header)
 
     def stop_encoding(timeout: float | None = limits.shutdown_timeout_s) -> bool:
         return batcher.close(timeout)
@@ -622,7 +684,9 @@ def create_app(
         if req.dimensions is not None and req.dimensions != dim:
             raise InvalidInputError(f"dimensions={req.dimensions} is not supported; this model gives {dim}")
         model = _check_string(req.model, "model") if req.model else name
-        texts = _texts(req.input, limits.max_inputs)
+        s = encoder.settings
+        length = s.query_length if req.input_type == "query" else s.document_length
+        texts = _embedding_texts(req.input, limits.max_inputs, vocabulary(), length)
         _check_tokens(sum(costs(texts, req.input_type)), limits, "input")
         vectors, tokens = await encode(request, texts, req.input_type, count_tokens=True)
         return await _render(
@@ -663,15 +727,18 @@ def create_app(
             }
         )
 
+    # Cohere's clients call /v1/rerank (cohere.Client) and /v2/rerank (cohere.ClientV2), Jina's /v1/rerank.
     @app.post("/rerank")
+    @app.post("/v1/rerank")
+    @app.post("/v2/rerank")
     async def rerank(req: RerankRequest, request: Request) -> Response:
         docs = [d if isinstance(d, str) else d.text for d in req.documents]
         docs = _texts(docs, limits.max_documents, "documents")
         query = _texts(req.query, 1, "query")
         model = _check_string(req.model, "model") if req.model else name
         _check_tokens(sum(costs(query, "query")) + sum(costs(docs, "document")), limits, "this rerank")
-        q_job = batcher.submit(query, "query", costs(query, "query"))
-        d_job = batcher.submit(docs, "document", costs(docs, "document"))
+        q_job = batcher.submit(query, "query", costs(query, "query"), count_tokens=True)
+        d_job = batcher.submit(docs, "document", costs(docs, "document"), count_tokens=True)
 
         def cancel() -> None:
             batcher.cancel(q_job)
@@ -679,17 +746,33 @@ def create_app(
 
         both = asyncio.gather(asyncio.wrap_future(q_job.future), asyncio.wrap_future(d_job.future))
         (q,), vectors = await _until_done(request, both, cancel)
+        version = "2" if request.url.path.startswith("/v2/") else "1"
 
         def answer() -> dict:
             scores = maxsim(q, vectors) if late else encoder.similarity(q, np.stack(vectors))
+            relevance = relevance_scores(scores, len(q) if late else None)
             order = np.argsort(-scores, kind="stable")[: req.top_n]
             results = []
             for i in order:
-                r: dict[str, Any] = {"index": int(i), "relevance_score": float(scores[i])}
+                r: dict[str, Any] = {
+                    "index": int(i),
+                    "relevance_score": float(relevance[i]),
+                    "score": float(scores[i]),
+                }
                 if req.return_documents:
                     r["document"] = {"text": docs[i]}
                 results.append(r)
-            return {"model": model, "results": results}
+            return {
+                "id": str(uuid.uuid4()),
+                "model": model,
+                "results": results,
+                # Cohere bills one search unit per query and 100 documents; Jina reports tokens.
+                "meta": {
+                    "api_version": {"version": version},
+                    "billed_units": {"search_units": math.ceil(len(docs) / SEARCH_UNIT_DOCUMENTS)},
+                },
+                "usage": {"total_tokens": q_job.tokens + d_job.tokens},
+            }
 
         return await _render(answer)
 

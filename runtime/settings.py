@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import enum
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,6 +118,16 @@ class RetrievalSettings:
 def default_skiplist_ids() -> tuple[int, ...]:
     """Ids of the standalone punctuation bytes in LFM2's vocabulary (510-524, 535-541, ...)."""
     return tuple(sorted(ord(c) + LFM2_BYTE_OFFSET for c in SKIPLIST_WORDS))
+
+
+def skiplist_ids_from_vocabulary(tokens: Sequence[str]) -> tuple[int, ...]:
+    """The ids whose token is one of ``SKIPLIST_WORDS``, as PyLate maps them (``convert_tokens_to_ids``).
+
+    A byte-level vocabulary spells printable ASCII as itself, so this is the token list looked up; on
+    LFM2's layout it gives ``default_skiplist_ids()``, elsewhere the ids that vocabulary really has.
+    """
+    words = frozenset(SKIPLIST_WORDS)
+    return tuple(i for i, token in enumerate(tokens) if token in words)
 
 
 def embedding_defaults(source: str = "") -> RetrievalSettings:

@@ -401,6 +401,23 @@ def test_oversized_work(colbert_server):
     assert colbert_server.alive()
 
 
+def test_token_id_floods(dense_server, embedding_encoder):
+    """Millions of token ids in a body: every id is checked, only what the model keeps is read back."""
+    word = int(embedding_encoder.tokenize("hello")[1])
+    n, length = 1_000_000, embedding_encoder.settings.document_length  # about 6 MB of JSON, under 8 MiB
+    with dense_server.client() as c:
+        flood = c.post("/v1/embeddings", json={"input": [word] * n})
+        assert flood.status_code == 200, flood.text
+        assert flood.json()["usage"]["prompt_tokens"] == length  # truncated like a long text
+        bad_last = c.post("/v1/embeddings", json={"input": [word] * (n - 1) + [10**12]})
+        assert f"input[{n - 1}] is token id {10**12}" in error_of(bad_last, 400)
+        lists = c.post("/v1/embeddings", json={"input": [[word] * 10_000] * 64})
+        assert lists.status_code == 200 and len(lists.json()["data"]) == 64
+        assert "input" in error_of(c.post("/v1/embeddings", json={"input": [[[word]]]}), 422)
+        assert "input[0][0]" in error_of(c.post("/v1/embeddings", json={"input": [[-(2**80)]]}), 400)
+    assert dense_server.alive()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Connections: slow headers, slow bodies, huge headers, disconnects
 # ----------------------------------------------------------------------------------------------------------

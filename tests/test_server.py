@@ -25,7 +25,7 @@ import pytest
 from lfm2edge.convert.synthetic import load_sample_texts
 from lfm2edge.runtime.index import Index
 from lfm2edge.runtime.maxsim import maxsim
-from lfm2edge.runtime.server import Batcher
+from lfm2edge.runtime.server import Batcher, relevance_scores
 
 SAMPLE = load_sample_texts()
 DOCS = [d["text"] for d in SAMPLE["documents"]]
@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 class Server:
-    """``python -m lfm2edge.runtime.search_cli serve ...`` on a free port, ready when /health answers."""
+    """``python -m lfm2edge.cli serve ...`` on a free port, ready when /health answers."""
 
     def __init__(self, *args: str):
         self.port = free_port()
@@ -48,7 +48,7 @@ class Server:
         cmd = [
             sys.executable,
             "-m",
-            "lfm2edge.runtime.search_cli",
+            "lfm2edge.cli",
             "serve",
             *args,
             "--port",
@@ -171,7 +171,6 @@ def test_openai_embeddings(dense_server, colbert_server, dense):
 
     assert_error(dense_server.post("/v1/embeddings", {"input": []}), 400, "empty")
     assert_error(dense_server.post("/v1/embeddings", {"input": ["ok", "  "]}), 400, "input[1]")
-    assert_error(dense_server.post("/v1/embeddings", {"input": [[1, 2, 3]]}), 422)  # token arrays
     assert_error(dense_server.post("/v1/embeddings", {"input": "x", "dimensions": 8}), 400, "dimensions")
     assert_error(dense_server.post("/v1/embeddings", {"input": "x", "encoding_format": "int8"}), 422)
     assert_error(dense_server.post("/v1/embeddings", {"text": "x"}), 422, "input")
@@ -181,6 +180,47 @@ def test_openai_embeddings(dense_server, colbert_server, dense):
         "/v1/embeddings", content=b'{"input": ', headers={"content-type": "application/json"}
     )
     assert_error(bad, 422, "not valid JSON")
+
+
+def test_openai_usage_counts_the_tokens_decoded(dense_server, dense):
+    s = dense.settings
+    texts = [DOCS[0], "short", "word " * 2000]  # the last is truncated at the document length
+    decoded = [len(dense._prepare(t, s.document_prefix, s.document_length)) for t in texts]
+    assert decoded[2] == s.document_length and decoded[1] > len(dense.tokenize("short"))  # prompt counted
+    usage = dense_server.post("/v1/embeddings", {"input": texts}).json()["usage"]
+    assert usage == {"prompt_tokens": sum(decoded), "total_tokens": sum(decoded)}
+    query = dense_server.post("/v1/embeddings", {"input": "short", "input_type": "query"}).json()["usage"]
+    assert query["prompt_tokens"] == len(dense._prepare("short", s.query_prefix, s.query_length))
+
+
+def test_openai_token_ids_are_the_text_they_spell(dense_server, colbert_server, dense):
+    texts = [DOCS[0], QUERIES[1], "naïve café — 東京 😀"]  # multi-byte characters split across tokens
+    ids = [dense.tokenize(t)[1:].tolist() for t in texts]  # the text's tokens, without BOS
+    by_text = dense_server.post("/v1/embeddings", {"input": texts}).json()
+    by_ids = dense_server.post("/v1/embeddings", {"input": ids}).json()
+    assert by_ids["usage"] == by_text["usage"]
+    got = np.array([d["embedding"] for d in by_ids["data"]])
+    assert np.allclose(got, dense.encode_document(texts), atol=1e-5)
+    with_bos = dense_server.post(
+        "/v1/embeddings", {"input": dense.tokenize(texts[0]).tolist(), "input_type": "query"}
+    )
+    assert np.allclose(with_bos.json()["data"][0]["embedding"], dense.encode_query(texts[0]), atol=1e-5)
+
+    n = len(dense.model_file.header.metadata["tokenizer.ggml.tokens"])
+    word = ids[0][0]
+    cases = [
+        ({"input": [[word, word, n]]}, 400, f"input[0][2] is token id {n}, outside"),
+        ({"input": [word, -1]}, 400, "input[1] is token id -1"),
+        ({"input": [[word], [word, 2**70]]}, 400, f"input[1][1] is token id {2**70}"),
+        ({"input": [[word, n - 1]]}, 400, "unused placeholder"),  # the padded table's rows past the tokenizer
+        ({"input": [[]]}, 400, "no token ids"),
+        ({"input": [[word]] * 257}, 400, "limit of 256"),
+        ({"input": [True, 1]}, 422, "input"),
+        ({"input": ["a", 1]}, 422, "input"),
+    ]
+    for body, status, fragment in cases:
+        assert_error(dense_server.post("/v1/embeddings", body), status, fragment)
+    assert_error(colbert_server.post("/v1/embeddings", {"input": [[word]]}), 400, "/embed")
 
 
 def test_embed_per_token(colbert_server, dense_server, colbert, dense):
@@ -209,8 +249,12 @@ def test_rerank_cohere_schema(colbert_server, dense_server, colbert, dense):
         results = r.json()["results"]
         want = enc.rerank(QUERIES[0], docs, top_k=3)
         assert [x["index"] for x in results] == want.indices.tolist()
-        assert np.allclose([x["relevance_score"] for x in results], want.scores, atol=1e-4)
+        assert np.allclose([x["score"] for x in results], want.scores, atol=1e-4)
         assert [x["document"]["text"] for x in results] == [docs[i] for i in want.indices]
+        # relevance_score: the raw score per query vector (ColBERT) or the cosine, mapped to [0, 1]
+        vectors = enc.encode_query(QUERIES[0]).shape[0] if enc is colbert else 1
+        expected = (want.scores / vectors + 1) / 2
+        assert np.allclose([x["relevance_score"] for x in results], expected, atol=1e-4)
     objects = colbert_server.post(
         "/rerank", {"query": QUERIES[1], "documents": [{"text": d} for d in docs]}
     ).json()
@@ -222,6 +266,35 @@ def test_rerank_cohere_schema(colbert_server, dense_server, colbert, dense):
     assert_error(
         colbert_server.post("/rerank", {"query": "q", "documents": ["a"] * 1001}), 400, "limit of 1000"
     )
+
+
+def test_rerank_paths_meta_and_usage(colbert_server, colbert):
+    docs = DOCS + QUERIES[:20]  # over 100 documents: two search units
+    want = maxsim(colbert.encode_query(QUERIES[2]), colbert.encode_document(docs))
+    assert want.max() > 1  # a MaxSim sum: raw scores are not relevance scores
+    tokens = len(colbert.prepare_query(QUERIES[2])[0]) + sum(len(colbert.prepare_document(d)) for d in docs)
+    answers = {}
+    for path, version in (("/rerank", "1"), ("/v1/rerank", "1"), ("/v2/rerank", "2")):
+        r = colbert_server.post(path, {"query": QUERIES[2], "documents": docs, "model": "rerank-v3.5"})
+        assert r.status_code == 200, r.text
+        body = answers[path] = r.json()
+        assert body["meta"] == {"api_version": {"version": version}, "billed_units": {"search_units": 2}}
+        assert body["usage"] == {"total_tokens": tokens} and body["model"] == "rerank-v3.5"
+        assert len(body["id"]) == 36
+        results = body["results"]
+        relevance, raw = [x["relevance_score"] for x in results], [x["score"] for x in results]
+        assert all(0 <= x <= 1 for x in relevance) and relevance == sorted(relevance, reverse=True)
+        assert raw == sorted(raw, reverse=True)
+        assert sorted(x["index"] for x in results) == list(range(len(docs)))
+        assert np.allclose(raw, want[[x["index"] for x in results]], atol=1e-4)
+    assert len({a["id"] for a in answers.values()}) == 3
+    assert answers["/v1/rerank"]["results"] == answers["/v2/rerank"]["results"]
+
+
+def test_relevance_scores_bounds():
+    raw = np.array([32.0, 0.0, -32.0, 16.0, 32.00001], dtype=np.float32)
+    assert relevance_scores(raw, 32).tolist() == [1.0, 0.5, 0.0, 0.75, 1.0]
+    assert relevance_scores(np.array([1.0, -1.0, 0.2]), None).tolist() == pytest.approx([1.0, 0.0, 0.6])
 
 
 def test_documents_and_search(colbert_server, dense_server, colbert):
