@@ -34,8 +34,11 @@ test: setup
 demo: setup
 	$(PY) -m lfm2edge.runtime.demo --model "$(MODEL)"
 
+# The bench's tables on stdout, its results as JSON (schema: bench/README.md) and its latency plot.
+BENCH_OUT ?= bench-results
 bench: setup
-	$(VENV)/bin/lfm2edge bench
+	mkdir -p $(BENCH_OUT)
+	$(VENV)/bin/lfm2edge bench --json $(BENCH_OUT)/bench.json --plot $(BENCH_OUT)/bench.png
 
 lint: setup
 	$(PY) -m ruff check .

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from lfm2edge.runtime.cli_options import Threads
 from lfm2edge.runtime.errors import InvalidInputError
 
 
@@ -65,9 +66,7 @@ def bench(
         "--formats", help="comma-separated GGUF types to convert to and measure, e.g. f16,bf16,q8_0,q4_k_m "
                           "(default: f16,q8_0 for ColBERT, q8_0 for Embedding; bf16 added where it runs on AMX tiles)",
                           show_default=False)] = None,
-    threads: Annotated[int | None, typer.Option(
-        "--threads", "-t", help="threads for llama.cpp and PyTorch alike (default: all cores)",
-        show_default=False)] = None,
+    threads: Threads = None,  # llama.cpp and PyTorch alike
     docs: Annotated[str | None, typer.Option(
         "--docs", help="cached documents for query + MaxSim, comma-separated, e.g. 1000,10000 (default 1000)",
         show_default=False)] = None,
@@ -85,7 +84,9 @@ def bench(
         "--reference", "-r", help="checkpoint of a GGUF MODEL, for the PyTorch side and fidelity",
         show_default=False)] = None,
     exact: Annotated[bool, typer.Option(
-        "--exact/--flash-attn", help="llama.cpp without flash attention (exact) or with it (faster, ~1e-3)")] = True,
+        "--exact/--flash-attn",
+        help="llama.cpp with F32 K and V (exact; through flash attention where patch llama.cpp/0005 is "
+             "built, else without it) or flash attention over F16 K and V (~1e-3 per token)")] = True,
     quick: Annotated[bool, typer.Option(
         "--quick", help="tiny random model and few runs: a smoke test in seconds, not a measurement")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the results as JSON (schema: "

@@ -270,7 +270,8 @@ def _openvino(graph: Path, fmt: str, threads: int):
     def run(ids: np.ndarray, keys: np.ndarray) -> np.ndarray:
         return np.array(request.infer({0: ids, 1: keys})[0], copy=True)
 
-    precision = str(compiled.get_property(hints.inference_precision))
+    precision = compiled.get_property(hints.inference_precision)
+    precision = precision.get_type_name() if hasattr(precision, "get_type_name") else str(precision)
     return run, {"openvino_version": ov.get_version(), "inference_precision": precision}
 
 
@@ -288,5 +289,6 @@ def run(spec: SideSpec, progress: Progress) -> SideOutput:
     engine = GraphEngine(Path(spec.checkpoint), run_graph, spec.query_expansion)
     load_s = time.perf_counter() - t0
     rss_after_load, _ = rss()
-    size = sum(p.stat().st_size for p in graph.parent.glob(graph.stem + ".*"))
+    # An OpenVINO IR keeps its weights in the .bin beside the .xml; an ONNX graph is one file.
+    size = graph.stat().st_size + (graph.with_suffix(".bin").stat().st_size if graph.suffix == ".xml" else 0)
     return run_measurements(spec, engine, progress, rss, load_s, rss_before, rss_after_load, size, details)

@@ -72,8 +72,6 @@ NOOP_OPS = frozenset({"NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"})
 WEIGHT_NAME = re.compile(r"^(?:blk\.(\d+)\.)?(.+)\.weight$")
 LAYER_SUFFIX = re.compile(r"^(.*?)-(\d+)((?: \([a-z]+\))*)$")  # "kq-2", "Qcur-2 (reshaped)"
 OUTPUT_NAMES = re.compile(r"^(norm|result_\w+)\b")  # the final norm and the head come after the last layer
-# References for the report's "share of peak": 2-core Sapphire Rapids, torch GEMM (see bench/PROFILE.md).
-PEAK_GFLOPS = {"fp32 (torch sgemm)": 300.0, "bf16 AMX (torch)": 1800.0}
 
 
 def _ggml_base() -> ctypes.CDLL:
@@ -449,6 +447,7 @@ def profile(path: str | Path, tokens: list[int], repeats: int = 5, threads: int 
             "model_kind": "late_interaction" if colbert else "dense",
             "threads": encoder.n_threads,
             "exact": encoder.exact,
+            "flash_attention": encoder.flash_attention,
             "extra_buffers": encoder.extra_buffers,
             "build": b.describe(),
             "system_info": b.system_info.strip(),
@@ -463,7 +462,9 @@ def format_report(result: dict, top: int = 25) -> str:
     """Plain-text tables: per op, per component, per layer, for every case."""
     lines = [f"{result['model']} ({result['model_kind']}): {result['threads']} threads, "
              f"extra buffers {'on' if result['extra_buffers'] else 'off'}, "
-             f"{'exact' if result['exact'] else 'flash attention'}; {result['build']}"]
+             f"{'exact (F32 K and V)' if result['exact'] else 'fast (F16 K and V)'}, "
+             f"{'flash attention' if result.get('flash_attention') else 'no flash attention'}; "
+             f"{result['build']}"]
     for c in result["cases"]:
         lines += [
             "",
@@ -565,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=("auto", "query", "document"), default="auto",
                         help="auto: a query when the length is the model's query length, else a document")
     parser.add_argument("--repeat", type=int, default=5, help="measured runs per case (medians are reported)")
-    parser.add_argument("--threads", "-t", type=int, default=None, help="threads (default: all cores)")
+    parser.add_argument("--threads", "-t", type=int, default=None,
+                        help="CPU threads (default: every CPU this process may use)")
     parser.add_argument("--no-extra-buffers", action="store_true",
                         help="load with llama.cpp's CPU extra buffer types (AMX, repack) off")
     parser.add_argument("--top", type=int, default=25, help="op rows to print per case")

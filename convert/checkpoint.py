@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from lfm2edge.convert.safetensors_io import TensorEntry, read_entries, read_tensor
+from lfm2edge.runtime.architecture import BIDIRECTIONAL_ARCH, Pooling
 from lfm2edge.runtime.errors import CheckpointError
 from lfm2edge.runtime.llama_keys import MAX_FF, MAX_L_CACHE, MAX_LAYERS, MAX_WIDTH
 from lfm2edge.runtime.settings import (
@@ -44,10 +45,12 @@ CHECKPOINT_FILES = [
     "1_Dense/model.safetensors",
 ]
 
-BIDIRECTIONAL_ARCH = "Lfm2BidirectionalModel"
-CAUSAL_ARCHS = ("Lfm2Model", "Lfm2ForCausalLM")
-# Pooling module flags and llama.cpp's pooling types (MEAN 1, CLS 2, LAST 3).
-POOLING_TYPES = {"pooling_mode_mean_tokens": 1, "pooling_mode_cls_token": 2, "pooling_mode_lasttoken": 3}
+# sentence-transformers' Pooling module flags and the pooling llama.cpp runs for each.
+POOLING_FLAGS = {
+    "pooling_mode_mean_tokens": Pooling.MEAN,
+    "pooling_mode_cls_token": Pooling.CLS,
+    "pooling_mode_lasttoken": Pooling.LAST,
+}
 LAYER_TYPES = ("full_attention", "conv")
 
 
@@ -260,7 +263,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path} has no config.json: point to a checkpoint folder or a hub id")
         self.raw_config = _read_json(self.path / "config.json")
         self.config = parse_backbone_config(self.raw_config, self.path / "config.json")
-        # The hub id, or the folder's name: a GGUF must not carry a local path (issue 16).
+        # The hub id, or the folder's name: a GGUF is shared, and must not carry a local path.
         self.source = source or self.path.name
         self.modules = self._read_modules()
         self.st_config = _read_object(self.path / "config_sentence_transformers.json")
@@ -280,12 +283,12 @@ class Checkpoint:
             raise CheckpointError(f"{where} must be a list of {{\"type\": ..., \"path\": ...}} objects; {_FIX}")
         return modules
 
-    def _pooling_type(self) -> int | None:
+    def _pooling_type(self) -> Pooling | None:
         for module in self.modules:
             if module.get("type", "").endswith("Pooling"):
                 folder = _inside(self.path, module.get("path") or "1_Pooling", self.path / "modules.json")
                 cfg = _read_object(folder / "config.json")
-                for flag, pooling in POOLING_TYPES.items():
+                for flag, pooling in POOLING_FLAGS.items():
                     if cfg.get(flag) is True:
                         return pooling
         return None
@@ -481,21 +484,12 @@ def _max_seq_length(path: Path, default: int) -> int:
 
 
 def _byte_level(text: str) -> str:
-    """A string as byte-level BPE vocabulary entries spell it (GPT-2 byte-to-unicode)."""
-    table = _bytes_to_unicode()
-    return "".join(table[b] for b in text.encode("utf-8"))
+    """A string as byte-level BPE vocabulary entries spell it (GPT-2's byte-to-unicode map, the
+    tokenizers library's own)."""
+    from tokenizers.pre_tokenizers import ByteLevel
 
-
-def _bytes_to_unicode() -> dict[int, str]:
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars), strict=True))
+    pieces = ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(text)
+    return "".join(piece for piece, _ in pieces)
 
 
 def _single_token_id(tokenizer, text: str) -> int:

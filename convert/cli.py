@@ -8,11 +8,10 @@ from typing import Annotated
 
 import typer
 
+from lfm2edge.runtime.cli_options import JsonFlag, Threads
 from lfm2edge.runtime.errors import VerificationError
 
 OUTTYPE_HELP = "f32, f16, bf16, q8_0 (written directly) or q4_0, q4_k_m, q5_k_m, q6_k, ... (llama.cpp's quantizer)"
-Threads = Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads (default: all cores)")]
-JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 
 
 def convert(
@@ -28,9 +27,11 @@ def convert(
     An existing OUTFILE is kept unless --force is given. Example:
     lfm2edge convert LiquidAI/LFM2.5-ColBERT-350M -o colbert-q8_0.gguf --outtype q8_0
     """
-    from lfm2edge.convert.pipeline import convert as run_convert
+    from lfm2edge.convert.pipeline import convert as convert_checkpoint
 
-    path = run_convert(model, outfile, outtype, revision=revision, progress=True, n_threads=threads, force=force)
+    path = convert_checkpoint(
+        model, outfile, outtype, revision=revision, progress=True, n_threads=threads, force=force
+    )
     typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 

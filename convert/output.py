@@ -39,7 +39,10 @@ def check_output(path: Path, force: bool) -> None:
             "regular files: choose another path"
         )
     if not force:
-        raise ConversionError(f"the output {path} already exists; pass --force (convert(..., force=True)) to replace it")
+        raise ConversionError(
+            f"the output {path} already exists; pass --force (lfm2edge.convert_checkpoint(..., force=True)) "
+            "to replace it"
+        )
 
 
 def publish(tmp: Path, path: Path, force: bool) -> None:

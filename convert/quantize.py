@@ -11,23 +11,17 @@ import ctypes
 import os
 from pathlib import Path
 
+from gguf import LlamaFileType
+
 from lfm2edge.runtime.errors import ConversionError, InvalidInputError
 
-# outtype -> llama_ftype. IQ types are left out: they need an importance matrix.
+# outtype -> llama_ftype, named by gguf. IQ types are left out: they need an importance matrix.
 LLAMA_QUANT_TYPES: dict[str, int] = {
-    "q4_0": 2,
-    "q4_1": 3,
-    "q5_0": 8,
-    "q5_1": 9,
-    "q2_k": 10,
-    "q3_k_s": 11,
-    "q3_k_m": 12,
-    "q3_k_l": 13,
-    "q4_k_s": 14,
-    "q4_k_m": 15,
-    "q5_k_s": 16,
-    "q5_k_m": 17,
-    "q6_k": 18,
+    name: int(LlamaFileType[f"MOSTLY_{name.upper()}"])
+    for name in (
+        "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s",
+        "q5_k_m", "q6_k",
+    )
 }
 
 
@@ -37,12 +31,13 @@ def quantize_file(src: Path, dst: Path, outtype: str, n_threads: int | None = No
         raise InvalidInputError(f"unknown quantization type {outtype!r}; choose one of {', '.join(LLAMA_QUANT_TYPES)}")
     import llama_cpp as ll
 
-    from lfm2edge.runtime.llama import _init_backend
+    from lfm2edge.runtime.cpu import default_threads
+    from lfm2edge.runtime.llama import init_backend
 
-    _init_backend()
+    init_backend()
     params = ll.llama_model_quantize_default_params()
     params.ftype = LLAMA_QUANT_TYPES[outtype]
-    params.nthread = n_threads or os.cpu_count() or 1
+    params.nthread = n_threads or default_threads()
     tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
     try:
         rc = ll.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))

@@ -1,7 +1,7 @@
 """The PyTorch reference: ground truth the GGUF runtime is tested and verified against.
 
-It is transformers' causal ``Lfm2Model`` with exactly two changes for bidirectional checkpoints
-(notes §2.3, §2.4):
+It is transformers' causal ``Lfm2Model`` with exactly two changes for bidirectional checkpoints,
+the two things their remote code (``modeling_lfm2_bidirectional.py``) changes:
 
 1. attention gets a padding-only 4-D additive mask (key mask, no causal triangle);
 2. every short conv is centred: zero padding of ``(L_cache - 1) / 2`` on each side, so that
@@ -11,11 +11,11 @@ Causal checkpoints (LFM2-ColBERT v1) keep transformers' behaviour unchanged.
 
 The model runs **one unpadded sequence at a time**, exactly what llama.cpp computes. A key mask
 (PyLate's query expansion) hides positions as attention keys only: they stay in the sequence,
-in the conv, and produce output rows. The conv input is never zeroed (as on transformers 4.56,
-which the published checkpoints target; notes §2.4).
+in the conv, and produce output rows. The conv input is never zeroed at padded positions (as on
+transformers 4.56, which the published checkpoints target).
 
-``ReferenceEncoder`` adds the retrieval semantics of sentence-transformers (Embedding) and
-PyLate (ColBERT) on top (notes §3).
+``ReferenceEncoder`` adds the retrieval semantics of sentence-transformers (Embedding: prompts, CLS,
+L2) and PyLate (ColBERT: [Q]/[D] markers, query expansion, skiplist, per-token L2) on top.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def additive_key_mask(key_mask: torch.Tensor, dtype: torch.dtype, causal: bool =
 def to_lfm2_config(config: BackboneConfig, attn_implementation: str = "sdpa") -> Lfm2Config:
     """Our resolved ``BackboneConfig`` as a transformers ``Lfm2Config``.
 
-    The FFN width is the already auto-adjusted one (§2.2) with transformers' own auto-adjust turned
+    The FFN width is the already auto-adjusted one (6656 -> 4608) with transformers' own auto-adjust turned
     off, so the width is never adjusted twice. Written for transformers 5.x (``rope_parameters``).
     """
     if attn_implementation not in ("sdpa", "eager"):

@@ -2,7 +2,7 @@
 
 The real LFM2.5-ColBERT-350M and LFM2.5-Embedding-350M weights are not needed to test the converter, the
 runtime or the benchmarks: every file, key, tensor name and shape, and the tokenizer's id layout and
-pre-tokenizer, are reproduced here with random weights (``/work/shared/notes/lfm2-retrievers.md``, §1-4).
+pre-tokenizer, are reproduced here with random weights, as the published checkpoints have them.
 
 * :func:`make_checkpoint` writes a complete Hugging Face folder (``config.json``, ``model.safetensors``, the
   tokenizer files, the sentence-transformers / PyLate module files and a stand-in
@@ -35,6 +35,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from lfm2edge.convert.checkpoint import auto_adjusted_ff_dim
+from lfm2edge.runtime.vocabulary import bytes_to_unicode
 
 __all__ = [
     "BYTE_TOKEN_OFFSET",
@@ -49,7 +50,6 @@ __all__ = [
     "SyntheticShape",
     "backbone_config",
     "build_tokenizer",
-    "bytes_to_unicode",
     "effective_ff_dim",
     "load_sample_texts",
     "make_checkpoint",
@@ -61,7 +61,7 @@ ConfigStyle = Literal["current", "legacy"]
 SAMPLE_TEXTS_PATH = Path(__file__).resolve().parent / "data" / "sample_texts.json"
 
 # ------------------------------------------------------------------------------------------------------------
-# Tokenizer layout (notes §4)
+# Tokenizer layout (as LFM2.5's tokenizer.json has it)
 # ------------------------------------------------------------------------------------------------------------
 
 #: ids 0-13: the LFM2 special (control) tokens, in id order.
@@ -105,23 +105,6 @@ LLAMA3_SPLIT_REGEX = (
 )
 # transformers writes this value for "no limit"; real LFM2 tokenizer configs carry a large one too.
 _MODEL_MAX_LENGTH = 1000000000000000019884624838656
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map, in canonical order (the byte-level alphabet)."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = list(bs)
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
 
 
 def _reserved_token(token_id: int) -> str:
@@ -282,11 +265,11 @@ def build_tokenizer(path: Path, base_vocab: int, colbert: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Backbone shape (notes §1.1, §1.3, §2.2)
+# Backbone shape
 # ------------------------------------------------------------------------------------------------------------
 
 
-# LFM2's auto-adjust rule (§2.2) lives with the converter that reads it back.
+# LFM2's MLP width rule (block_auto_adjust_ff_dim) lives with the converter that reads it back.
 effective_ff_dim = auto_adjusted_ff_dim
 
 
@@ -493,7 +476,7 @@ def _write_safetensors(
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Configuration files (notes §1.1, §1.2)
+# Configuration files
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -511,7 +494,8 @@ def backbone_config(
     bidirectional: bool = True,
     config_style: ConfigStyle = "current",
 ) -> dict[str, object]:
-    """The ``config.json`` that :func:`make_checkpoint` writes (notes §1.1); no ``is_causal`` key, ever."""
+    """The ``config.json`` that :func:`make_checkpoint` writes; no ``is_causal`` key, ever (the real ones
+    have none: bidirectionality shows only in ``architectures``)."""
     h = shape.hidden_size
     config: dict[str, object] = {
         "architectures": ["Lfm2BidirectionalModel" if bidirectional else "Lfm2Model"],

@@ -1,58 +1,42 @@
-"""Declarative map from HF LFM2 tensor names to GGUF names, and the type each tensor gets.
+"""HF LFM2 tensor names to GGUF names, and the type each tensor gets.
 
-Names and types follow upstream's converter exactly (notes §1.3), so stock llama.cpp loads
-our files as it loads the official ones.
+Names come from gguf's own table for LFM2 (``gguf.get_tensor_name_map``), the one upstream's
+converter uses, so stock llama.cpp loads our files as it loads the official ones (tests/test_convert.py
+checks the names, shapes and types against upstream's converter). Types follow upstream's rules.
 """
 
 from __future__ import annotations
 
-import re
+import functools
 
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import (
+    MODEL_ARCH,
+    MODEL_TENSOR,
+    TENSOR_NAMES,
+    GGMLQuantizationType,
+    TensorNameMap,
+    get_tensor_name_map,
+)
 
-# HF name (without "model.", layer index as {i}) -> GGUF name.
-BACKBONE_TENSORS: dict[str, str] = {
-    "embed_tokens.weight": "token_embd.weight",
-    # upstream writes the final norm under this odd name and loads it as the output norm
-    "embedding_norm.weight": "token_embd_norm.weight",
-    "layers.{i}.operator_norm.weight": "blk.{i}.attn_norm.weight",
-    "layers.{i}.ffn_norm.weight": "blk.{i}.ffn_norm.weight",
-    "layers.{i}.feed_forward.w1.weight": "blk.{i}.ffn_gate.weight",
-    "layers.{i}.feed_forward.w2.weight": "blk.{i}.ffn_down.weight",
-    "layers.{i}.feed_forward.w3.weight": "blk.{i}.ffn_up.weight",
-    "layers.{i}.conv.in_proj.weight": "blk.{i}.shortconv.in_proj.weight",
-    "layers.{i}.conv.conv.weight": "blk.{i}.shortconv.conv.weight",
-    "layers.{i}.conv.out_proj.weight": "blk.{i}.shortconv.out_proj.weight",
-    "layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
-    "layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
-    "layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
-    "layers.{i}.self_attn.out_proj.weight": "blk.{i}.attn_output.weight",
-    "layers.{i}.self_attn.q_layernorm.weight": "blk.{i}.attn_q_norm.weight",
-    "layers.{i}.self_attn.k_layernorm.weight": "blk.{i}.attn_k_norm.weight",
-}
-# ColBERT's 1_Dense projection: linear.weight [out, H].
-DENSE_TENSOR = "dense_2.weight"
-
-_PATTERNS = [
-    (re.compile("^" + re.escape(hf).replace(r"\{i\}", r"(\d+)") + "$"), gguf) for hf, gguf in BACKBONE_TENSORS.items()
-]
+# ColBERT's 1_Dense projection (linear.weight [out, H] in its own file), where upstream puts it.
+DENSE_TENSOR = TENSOR_NAMES[MODEL_TENSOR.DENSE_2_OUT] + ".weight"
 
 DIRECT_TYPES: dict[str, GGMLQuantizationType] = {
-    "f32": GGMLQuantizationType.F32,
-    "f16": GGMLQuantizationType.F16,
-    "bf16": GGMLQuantizationType.BF16,
-    "q8_0": GGMLQuantizationType.Q8_0,
+    name: GGMLQuantizationType[name.upper()] for name in ("f32", "f16", "bf16", "q8_0")
 }
 
 
-def gguf_name(hf_name: str) -> str:
-    """The GGUF name of a backbone tensor; KeyError names the tensor we do not know."""
-    for pattern, target in _PATTERNS:
-        m = pattern.match(hf_name)
-        if m:
-            return target.format(i=m.group(1)) if m.groups() else target
-    raise KeyError(hf_name)
+@functools.cache
+def _name_map(n_blocks: int) -> TensorNameMap:
+    return get_tensor_name_map(MODEL_ARCH.LFM2, n_blocks)
+
+
+def gguf_name(hf_name: str, n_blocks: int) -> str | None:
+    """The GGUF name of a backbone tensor, given without its ``model.`` prefix, of a model with
+    ``n_blocks`` layers; None for a name LFM2 does not have (or a layer past ``n_blocks``)."""
+    # gguf's table holds the names as transformers' Lfm2Model spells them, "model." included.
+    return _name_map(n_blocks).get_name(f"model.{hf_name}", try_suffixes=(".weight", ".bias"))
 
 
 def is_conv_kernel(name: str) -> bool:

@@ -16,12 +16,12 @@ import numpy as np
 from lfm2edge.convert.checkpoint import Checkpoint
 from lfm2edge.convert.tensors import DENSE_TENSOR, gguf_name, prepare, tensor_type
 from lfm2edge.convert.vocab import load_vocab, write_vocab
+from lfm2edge.runtime.architecture import GGUF_ARCH
 from lfm2edge.runtime.errors import CheckpointError
 from lfm2edge.runtime.gguf_file import GGUFType
 from lfm2edge.runtime.llama_keys import Dims
 from lfm2edge.runtime.settings import SETTINGS_BY_KEY, Key, RetrievalSettings, to_metadata
 
-ARCH = "lfm2"
 ARCHITECTURE_KEY = Key.ARCHITECTURE  # the HF architecture the file came from
 FILE_TYPES = {
     gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
@@ -32,7 +32,7 @@ FILE_TYPES = {
 
 
 def write_model_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, outtype: gguf.GGMLQuantizationType) -> None:
-    """The keys llama.cpp reads, as upstream's converter writes them (notes §5.2)."""
+    """The keys llama.cpp reads, as upstream's converter writes them (convert_hf_to_gguf.py's LFM2 model)."""
     cfg = ckpt.config
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(ckpt.source.split("@")[0].split("/")[-1] or ckpt.path.name)
@@ -89,11 +89,14 @@ def _tensor_plan(ckpt: Checkpoint, outtype: gguf.GGMLQuantizationType):
     checkpoint whose tensors and config disagree is refused before anything is written.
     """
     plan = []
+    n_layers = ckpt.config.num_hidden_layers
     for hf_name, shape in ckpt.tensor_shapes().items():
-        try:
-            name = gguf_name(hf_name)
-        except KeyError as e:
-            raise CheckpointError(f"unexpected tensor {hf_name!r} in {ckpt.path}: is this an LFM2 checkpoint?") from e
+        name = gguf_name(hf_name, n_layers)
+        if name is None:
+            raise CheckpointError(
+                f"unexpected tensor {hf_name!r} in {ckpt.path}: not a tensor of an LFM2 model of "
+                f"{n_layers} layers (config.json num_hidden_layers); is this an LFM2 checkpoint?"
+            )
         if name.endswith(".shortconv.conv.weight"):
             if len(shape) != 3 or shape[1] != 1:
                 raise CheckpointError(f"{ckpt.path}: {hf_name} has shape {list(shape)}; a depthwise conv is [H, 1, K]")
@@ -144,7 +147,7 @@ def write_gguf(
     tmp = outfile.with_name(f".{outfile.name}.partial-{os.getpid()}")
     plan = _tensor_plan(ckpt, outtype)
     vocab = load_vocab(ckpt.path, ckpt.config.vocab_size)
-    w = gguf.GGUFWriter(tmp, ARCH)
+    w = gguf.GGUFWriter(tmp, GGUF_ARCH)
     try:
         write_model_metadata(w, ckpt, outtype)
         write_vocab(w, vocab)

@@ -5,9 +5,13 @@
     q = enc.encode_query("how do I reset my password?")
     ranking = enc.rerank("how do I reset my password?", ["...", "..."])
 
-The package root is thin: the work lives in ``lfm2edge.convert`` (checkpoint to GGUF),
-``lfm2edge.runtime`` (encoders, MaxSim) and ``lfm2edge.bench`` — the folders convert/,
-runtime/ and bench/. Names are imported lazily so ``import lfm2edge`` stays cheap.
+    lfm2edge.convert_checkpoint("LiquidAI/LFM2.5-ColBERT-350M", "colbert-q8_0.gguf", "q8_0")
+
+The package root is thin: the work lives in the subpackages ``lfm2edge.convert`` (checkpoint to
+GGUF), ``lfm2edge.runtime`` (encoders, MaxSim, the index) and ``lfm2edge.bench`` — the folders
+convert/, runtime/ and bench/. Each name means one thing: ``lfm2edge.convert`` is always the
+subpackage, the function is ``lfm2edge.convert_checkpoint``. Names are imported lazily so
+``import lfm2edge`` stays cheap.
 """
 
 from __future__ import annotations
@@ -24,32 +28,32 @@ __version__ = "0.1.0"
 # loads libgomp, hence here; a value already in the environment wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
-_EXPORTS = {
-    "load": "lfm2edge.runtime.encoders",
-    "DenseEncoder": "lfm2edge.runtime.encoders",
-    "ColBERTEncoder": "lfm2edge.runtime.encoders",
-    "Ranking": "lfm2edge.runtime.encoders",
-    "maxsim": "lfm2edge.runtime.maxsim",
-    "PackedDocuments": "lfm2edge.runtime.maxsim",
-    "build_info": "lfm2edge.runtime.build",
-    "Lfm2EdgeError": "lfm2edge.runtime.errors",
-    "InvalidInputError": "lfm2edge.runtime.errors",
-    "ModelFileError": "lfm2edge.runtime.errors",
-    "UnsupportedBuildError": "lfm2edge.runtime.errors",
-    "FeatureUnavailableError": "lfm2edge.runtime.errors",
-    "EncoderClosedError": "lfm2edge.runtime.errors",
-    "DecodeError": "lfm2edge.runtime.errors",
-    "convert": "lfm2edge.convert.pipeline",
-    "Index": "lfm2edge.runtime.index",
-    "Hit": "lfm2edge.runtime.index",
-    "IndexCorruptError": "lfm2edge.runtime.index",
-    "IndexModelMismatchError": "lfm2edge.runtime.index",
-    "DuplicateIdError": "lfm2edge.runtime.index",
-}
+# exported name -> (module, its name there)
+_EXPORTS: dict[str, tuple[str, str]] = {
+    name: (module, name)
+    for module, names in {
+        "lfm2edge.runtime.encoders": ("load", "DenseEncoder", "ColBERTEncoder", "Ranking"),
+        "lfm2edge.runtime.maxsim": ("maxsim", "PackedDocuments"),
+        "lfm2edge.runtime.build": ("build_info",),
+        "lfm2edge.runtime.errors": (
+            "Lfm2EdgeError", "InvalidInputError", "ModelFileError", "CheckpointError", "ConversionError",
+            "UnsupportedBuildError", "FeatureUnavailableError", "EncoderClosedError", "DecodeError",
+            "VerificationError",
+        ),
+        "lfm2edge.runtime.index": (
+            "Index", "Hit", "IndexCorruptError", "IndexModelMismatchError", "DuplicateIdError",
+        ),
+    }.items()
+    for name in names
+} | {"convert_checkpoint": ("lfm2edge.convert.pipeline", "convert")}
+_SUBPACKAGES = ("convert", "runtime", "bench")
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        module, attribute = _EXPORTS[name]
+        return getattr(importlib.import_module(module), attribute)
+    if name in _SUBPACKAGES:  # what importing lfm2edge.<name>.* binds here anyway
+        return importlib.import_module(f"lfm2edge.{name}")
     raise AttributeError(f"module 'lfm2edge' has no attribute {name!r}")

@@ -94,10 +94,22 @@ def run(app) -> None:
         sys.exit(code)
 
 
+def _print_version(value: bool) -> None:
+    # The option's own callback: click runs the group callback only before a command.
+    if value:
+        import typer
+
+        from lfm2edge import __version__
+
+        print(f"lfm2edge {__version__}")
+        raise typer.Exit(0)
+
+
 def build_app():
     import typer
 
     from lfm2edge.bench import cli as bench_cli
+    from lfm2edge.bench import eval_cli
     from lfm2edge.convert import cli as convert_cli
     from lfm2edge.runtime import cli as runtime_cli
     from lfm2edge.runtime import search_cli
@@ -112,18 +124,17 @@ def build_app():
     )
     @app.callback()
     def _root(
-        version: bool = typer.Option(False, "--version", is_eager=True, help="print lfm2edge's version and exit"),
+        version: bool = typer.Option(
+            False, "--version", is_eager=True, callback=_print_version, help="print lfm2edge's version and exit"
+        ),
     ) -> None:
-        if version:
-            from lfm2edge import __version__
-
-            print(f"lfm2edge {__version__}")
-            raise typer.Exit(0)
+        pass
 
     convert_cli.register(app)
     runtime_cli.register(app)
     search_cli.register(app)
     bench_cli.register(app)
+    eval_cli.register(app)
     return app
 
 

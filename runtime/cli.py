@@ -8,10 +8,10 @@ from typing import Annotated
 
 import typer
 
+from lfm2edge.runtime.cli_options import JsonFlag
 from lfm2edge.runtime.errors import ModelFileError
 
 GgufPath = Annotated[Path, typer.Argument(help="a GGUF file", show_default=False)]
-JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 
 
 def info(as_json: JsonFlag = False) -> None:
@@ -30,7 +30,8 @@ def info(as_json: JsonFlag = False) -> None:
 
 def inspect_report(path: Path) -> dict:
     """Everything ``inspect`` prints, as a dict."""
-    from lfm2edge.runtime.model_file import POOLING_NAMES, describe
+    from lfm2edge.runtime.architecture import pooling_name
+    from lfm2edge.runtime.model_file import describe
 
     mf = describe(path)
     h = mf.header
@@ -46,7 +47,7 @@ def inspect_report(path: Path) -> dict:
         "architecture": h.architecture,
         "kind": mf.kind.value if mf.kind else None,
         "causal": mf.causal,
-        "pooling": POOLING_NAMES.get(mf.pooling, mf.pooling),
+        "pooling": pooling_name(mf.pooling),
         "layers": h.arch_key("block_count"),
         "embedding_length": h.arch_key("embedding_length"),
         "embedding_length_out": h.arch_key("embedding_length_out"),

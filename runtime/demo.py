@@ -3,21 +3,28 @@
 MODEL is a hub id (default LiquidAI/LFM2.5-ColBERT-350M), a checkpoint folder or a GGUF.
 Where the hub cannot be reached, a full-size random checkpoint of the real shape stands in:
 its rankings are meaningless and only its latency is real, and the demo says so.
+
+The converter (and, for the stand-in, the synthetic generator with torch) is imported only when
+a checkpoint has to be converted: with a GGUF the demo needs the runtime alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 from lfm2edge.runtime.errors import CheckpointError, Lfm2EdgeError
 
 DEFAULT_MODEL = "LiquidAI/LFM2.5-ColBERT-350M"
+# The random stand-in's shape: "full" is the real 350M model (real latency); "tiny" runs in seconds (tests).
+StandInShape = Literal["full", "tiny"]
 DEMO_QUERIES = [
     ("en", "Can I get my money back if my yearly Pro plan just renewed?"),
     ("de", "Wie schalte ich die Zwei-Faktor-Authentifizierung ein?"),
@@ -36,34 +43,30 @@ def faq_entries() -> list[dict]:
 
 
 def cache_dir() -> Path:
-    import os
-
     return Path(os.environ.get("LFM2EDGE_CACHE", Path.home() / ".cache" / "lfm2edge")) / "demo"
 
 
-def prepare_model(model: str, outtype: str) -> tuple[Path, bool]:
+def prepare_model(model: str, outtype: str, stand_in: StandInShape = "full") -> tuple[Path, bool]:
     """(a GGUF path, whether its weights are random stand-ins)."""
+    if model.endswith(".gguf"):
+        return Path(model), False
     from lfm2edge.convert.checkpoint import resolve
     from lfm2edge.convert.pipeline import convert
 
-    if model.endswith(".gguf"):
-        return Path(model), False
     random_weights = False
     try:
         checkpoint = resolve(model)
     except CheckpointError as e:
-        if Path(model).exists() or "cannot reach" not in str(e):
+        if Path(model).exists() or not _hub_unreachable(e):
             raise
         print(f"!! {e}", flush=True)
-        print("!! Using a full-size RANDOM checkpoint of the real shape instead: rankings below are "
-              "MEANINGLESS, only the latency is real.", flush=True)
-        from lfm2edge.convert.synthetic import FULL, make_checkpoint
-
-        folder = cache_dir() / "random-colbert-full"
-        if not (folder / "config.json").exists():
-            print(f"generating {folder} ...", flush=True)
-            make_checkpoint(folder, "colbert", FULL)
-        checkpoint = resolve(folder)
+        if stand_in == "full":
+            print("!! Using a full-size RANDOM checkpoint of the real shape instead: rankings below are "
+                  "MEANINGLESS, only the latency is real.", flush=True)
+        else:
+            print("!! Using a tiny RANDOM checkpoint of the real layout instead: rankings and latency below "
+                  "are MEANINGLESS.", flush=True)
+        checkpoint = resolve(_random_checkpoint(stand_in))
         random_weights = True
     out = cache_dir() / f"{Path(checkpoint.source).name}-{outtype}.gguf"
     if not out.exists():
@@ -73,17 +76,42 @@ def prepare_model(model: str, outtype: str) -> tuple[Path, bool]:
     return out, random_weights
 
 
-def run(model: str, outtype: str | None = None, threads: int | None = None, top_k: int = 3) -> None:
+def _hub_unreachable(error: CheckpointError) -> bool:
+    """Whether resolve() failed because the hub could not be reached (offline, no cached copy)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    return isinstance(error.__cause__, LocalEntryNotFoundError)
+
+
+def _random_checkpoint(stand_in: StandInShape) -> Path:
+    """The random ColBERT checkpoint of the real layout, generated once into the demo's cache."""
+    from lfm2edge.convert.synthetic import FULL, TINY, make_checkpoint
+
+    folder = cache_dir() / f"random-colbert-{stand_in}"
+    if not (folder / "config.json").exists():
+        print(f"generating {folder} ...", flush=True)
+        make_checkpoint(folder, "colbert", FULL if stand_in == "full" else TINY)
+    return folder
+
+
+def run(
+    model: str,
+    outtype: str | None = None,
+    threads: int | None = None,
+    top_k: int = 3,
+    stand_in: StandInShape = "full",
+) -> None:
     import lfm2edge
     from lfm2edge.runtime.build import build_info
 
     outtype = outtype or build_info().fastest_type()
 
-    gguf, random_weights = prepare_model(model, outtype)
+    gguf, random_weights = prepare_model(model, outtype, stand_in)
     enc = lfm2edge.load(gguf, n_threads=threads)
     print(f"model: {gguf} ({enc.kind.value}, {enc.dim}-d), {enc.build.describe()}")
-    if getattr(enc, "query_expansion", None):
-        print(f"query expansion: {enc.query_expansion}; exact mode (no flash attention, F32 KV cache)")
+    attention = "flash attention over F32 K and V" if enc.flash_attention else "no flash attention"
+    expansion = f"query expansion: {enc.query_expansion}; " if getattr(enc, "query_expansion", None) else ""
+    print(f"{expansion}exact mode ({attention})")
     entries = faq_entries()
     texts = [f"{e['question']} {e['answer']}" for e in entries]
     t0 = time.perf_counter()
@@ -104,7 +132,8 @@ def run(model: str, outtype: str | None = None, threads: int | None = None, top_
     print(f"\nquery latency over {len(latencies)} queries: p50 {statistics.median(latencies):.1f} ms, "
           f"max {max(latencies):.1f} ms ({enc.n_threads} threads)")
     if random_weights:
-        print("!! Reminder: random weights. The rankings above are meaningless; the latency is real.")
+        real = "the latency is real" if stand_in == "full" else "so is the latency of this tiny model"
+        print(f"!! Reminder: random weights. The rankings above are meaningless; {real}.")
     enc.close()
 
 
@@ -112,10 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, checkpoint folder or GGUF")
     parser.add_argument("--outtype", default=None, help="GGUF type (default: bf16 where it runs on AMX, else q8_0)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", "-t", type=int, default=None,
+                        help="CPU threads (default: every CPU this process may use)")
+    parser.add_argument("--stand-in", choices=("full", "tiny"), default="full",
+                        help="shape of the random checkpoint used where the hub cannot be reached "
+                             "(tiny: seconds, for tests; its latency means nothing)")
     args = parser.parse_args(argv)
     try:
-        run(args.model, args.outtype, args.threads)
+        run(args.model, args.outtype, args.threads, stand_in=args.stand_in)
     except Lfm2EdgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

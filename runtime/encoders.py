@@ -3,7 +3,8 @@
 ``lfm2edge.load(path)`` picks the encoder from the GGUF. ``encode_query`` / ``encode_document``
 take a string (one result) or a list of strings (a float32 array [n, d] for dense models, a
 list of float32 arrays [tokens_i, d] for ColBERT). Texts are prepared exactly as
-sentence-transformers (dense) and PyLate (ColBERT) prepare them (notes §3).
+sentence-transformers (dense: prompt, strip, BOS, CLS) and PyLate (ColBERT: [Q]/[D] marker
+after BOS, EOS padding of queries, skiplist of standalone punctuation in documents) prepare them.
 
 Thread safety: each encoder owns one llama.cpp context guarded by a lock, so calls from
 several threads are safe; their decodes run one at a time (llama.cpp already uses every
@@ -17,7 +18,7 @@ model; every later call (and the rest of an encode that was running) raises
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,9 @@ from lfm2edge.runtime.errors import (
     ModelFileError,
 )
 from lfm2edge.runtime.llama import EmbeddingContext, LlamaModel, supports_key_mask
-from lfm2edge.runtime.maxsim import PackedDocuments, maxsim
+from lfm2edge.runtime.maxsim import PackedDocuments, maxsim, normalize_rows
 from lfm2edge.runtime.model_file import ModelFile, describe
+from lfm2edge.runtime.progress import progress_bar
 from lfm2edge.runtime.settings import ModelKind, RetrievalSettings
 from lfm2edge.runtime.text import check_text, check_texts
 
@@ -74,11 +76,6 @@ def _check_count(name: str, value: object, high: int | None = None, hint: str = 
         bound = "at least 1" if high is None else f"between 1 and {high}"
         raise InvalidInputError(f"{name} must be {bound}, got {value}{hint}")
     return int(value)
-
-
-def _normalize_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
 
 
 class Encoder:
@@ -168,7 +165,7 @@ class Encoder:
         """Decode every sequence, packing consecutive ones into calls of bounded tokens and count."""
         per_call = min(batch_size, MAX_SEQUENCES_PER_CALL)
         outputs: list[np.ndarray] = []
-        bar = _progress(len(sequences), show_progress_bar)
+        bar = progress_bar(len(sequences), show_progress_bar)
         start = 0
         while start < len(sequences):
             end, tokens = start, 0
@@ -232,7 +229,7 @@ class DenseEncoder(Encoder):
         sequences = [self._prepare(t, prefix, limit) for t in items]
         vectors = np.stack(self._decode_all(sequences, batch_size, show_progress_bar)).astype(np.float32)
         if self.settings.normalize if normalize is None else normalize:
-            vectors = _normalize_rows(vectors)
+            vectors = normalize_rows(vectors)
         return vectors[0] if single else vectors
 
     def encode_query(self, texts, batch_size: int = 32, show_progress_bar: bool = False, normalize: bool | None = None):
@@ -247,7 +244,8 @@ class DenseEncoder(Encoder):
     def similarity(self, query: np.ndarray, documents: np.ndarray) -> np.ndarray:
         """Cosine scores of one query vector against [n, d] document vectors."""
         documents = np.asarray(documents, dtype=np.float32)
-        return (_normalize_rows(documents) @ _normalize_rows(np.asarray(query, dtype=np.float32))).astype(np.float32)
+        query = normalize_rows(np.asarray(query, dtype=np.float32))
+        return (normalize_rows(documents) @ query).astype(np.float32)
 
 
 class ColBERTEncoder(Encoder):
@@ -338,7 +336,7 @@ class ColBERTEncoder(Encoder):
 
     def _finish(self, rows: np.ndarray) -> np.ndarray:
         rows = rows.astype(np.float32, copy=False)
-        return _normalize_rows(rows) if self.settings.normalize else rows
+        return normalize_rows(rows) if self.settings.normalize else rows
 
     def similarity(self, query: np.ndarray, documents: Sequence[np.ndarray] | PackedDocuments) -> np.ndarray:
         """MaxSim scores of one query matrix against each document matrix."""
@@ -362,24 +360,6 @@ def _longest_sequence(settings: RetrievalSettings, path: Path) -> int:
     return longest
 
 
-def _progress(total: int, enabled: bool) -> Callable[..., None]:
-    """A tqdm bar when asked for and installed; otherwise a no-op."""
-    if not enabled:
-        return lambda n, close=False: None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return lambda n, close=False: None
-    bar = tqdm(total=total, unit="text")
-
-    def update(n: int, close: bool = False) -> None:
-        bar.update(n)
-        if close:
-            bar.close()
-
-    return update
-
-
 def load(
     path: str | Path,
     n_threads: int | None = None,
@@ -392,9 +372,11 @@ def load(
 ) -> DenseEncoder | ColBERTEncoder:
     """Open a GGUF as a DenseEncoder or a ColBERTEncoder, chosen from the file.
 
-    ``exact=True`` (default) runs without flash attention and with an F32 KV cache: about
-    2e-6 relative error against the PyTorch reference. ``exact=False`` enables flash
-    attention (about 1e-3 per token; faster on long documents). ``query_expansion`` (ColBERT)
+    ``exact=True`` (default) keeps attention's K and V in F32: about 2e-6 relative error
+    against the PyTorch reference. With lfm2edge's patch ``llama.cpp/0005`` that runs through
+    flash attention (stock llama.cpp would feed it F16 copies); without the patch flash
+    attention stays off. ``exact=False`` runs flash attention over F16 K and V (about 1e-3
+    per token). ``encoder.flash_attention`` tells which is in use. ``query_expansion`` (ColBERT)
     is "pylate", "attended" or "none"; by default the most faithful mode the build supports,
     reported by ``encoder.query_expansion``. ``extra_buffers`` chooses llama.cpp's CPU extra
     buffer types (AMX on CPUs with AMX, the CPU repack buffer): None lets the build decide (on,

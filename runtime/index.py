@@ -44,14 +44,12 @@ from lfm2edge.runtime.index_storage import (
     DTYPES,
     FORMAT,
     FORMAT_VERSION,
-    LOCK,
     MANIFEST,
     SEGMENTS,
     Segment,
     check_manifest,
     consistently,
     corrupt,
-    file_lock,
     fsync_dir,
     manifest_stamp,
     open_segment,
@@ -62,14 +60,16 @@ from lfm2edge.runtime.index_storage import (
     sha256,
     write_manifest,
     write_segment,
+    writer_lock,
 )
 from lfm2edge.runtime.index_storage import (
     IndexCorruptError as IndexCorruptError,  # re-exported: defined with the storage layer
 )
-from lfm2edge.runtime.maxsim import PackedDocuments, kernel_path, maxsim
+from lfm2edge.runtime.maxsim import PackedDocuments, kernel_path, maxsim, maxsim_blocked, normalize_rows
+from lfm2edge.runtime.progress import progress_bar
 from lfm2edge.runtime.settings import ModelKind
 from lfm2edge.runtime.text import check_text, check_texts
-from lfm2edge.runtime.vector_codecs import normalize, pool_tokens, quantize_int8
+from lfm2edge.runtime.vector_codecs import pool_tokens, quantize_int8
 
 OnDuplicate = Literal["error", "skip", "replace"]
 ON_DUPLICATE: tuple[str, ...] = ("error", "skip", "replace")
@@ -77,8 +77,7 @@ ON_DUPLICATE: tuple[str, ...] = ("error", "skip", "replace")
 # policy, so many small commits stay cheap to search and each vector is rewritten O(log n) times.
 MAX_SEGMENTS = 16
 MERGE_WIDTH = 8
-# Float32 scratch per scoring block (rows x query vectors, and the widened rows): a few tens of MB.
-BLOCK_FLOATS = 1 << 22
+# Queries scored together: one pass over the stored vectors serves all of them.
 QUERY_GROUP = 16
 # Per-document limits. Metadata comes back with every hit, so it must stay small and shallow enough
 # for any JSON encoder (a server's default nesting limits are far below Python's): an app that
@@ -456,7 +455,7 @@ class Index:
     @contextmanager
     def _writing(self) -> Iterator[None]:
         """Serialise writers (threads and processes), starting from the latest committed state."""
-        with self._write_lock, file_lock(self.path / LOCK):
+        with self._write_lock, writer_lock(self.path):
             self._seen = manifest_stamp(self.path)
             manifest = read_manifest(self.path)
             if manifest["generation"] != self.generation:
@@ -530,10 +529,8 @@ class Index:
             raise InvalidInputError(f"commit_every must be a positive integer, got {commit_every!r}")
         if ids is not None:
             check_ids(ids, len(texts))  # before any work; checked again with the index under the writer lock
-        from lfm2edge.runtime.encoders import _progress
-
         id_list: list[str] = []
-        bar = _progress(len(texts), show_progress_bar)
+        bar = progress_bar(len(texts), show_progress_bar)
         for start in range(0, len(texts), commit_every):
             end = start + commit_every
             with self._writing():
@@ -594,7 +591,7 @@ class Index:
                 docs = [pool_tokens(d, s.pool_factor) for d in docs]
             rows, lengths = np.concatenate(docs), np.array([len(d) for d in docs])
         else:
-            rows = normalize(encoder.encode_document(texts, batch_size=batch_size))
+            rows = normalize_rows(encoder.encode_document(texts, batch_size=batch_size))
             lengths = np.ones(len(rows), dtype=np.int64)
         if s.dtype == "int8":
             vectors, scales = quantize_int8(rows)
@@ -736,12 +733,12 @@ class Index:
         if late:
             qcat = np.concatenate(qs)
             starts = np.cumsum([0] + [len(q) for q in qs[:-1]])
-        else:
-            qcat = normalize(np.stack(qs))
-            starts = None
+        else:  # one unit vector per query against one row per document: MaxSim is the cosine
+            qcat = normalize_rows(np.stack(qs))
+            starts = np.arange(len(qs))
         parts = []
         for seg in segments:
-            scores = _score_segment(seg, qcat, starts)
+            scores = _score_segment(seg, qcat, starts, late)
             scores[seg.deleted] = -np.inf
             parts.append(scores)
         if not parts:
@@ -857,30 +854,15 @@ def _query_array(q: object, i: int, late: bool, dim: int) -> np.ndarray:
     return a
 
 
-def _score_segment(seg: Segment, qcat: np.ndarray, starts: np.ndarray | None) -> np.ndarray:
-    """Scores [docs, queries] of one segment: MaxSim when ``starts`` splits ``qcat`` into queries, else dot
-    products (dense: one row per document)."""
-    n_docs, offsets = len(seg.ids), seg.offsets
-    n_queries = len(qcat) if starts is None else len(starts)
-    out = np.empty((n_docs, n_queries), dtype=np.float32)
-    if starts is not None and seg.scales is None and n_docs and kernel_path(seg.vectors.shape[1]):
+def _score_segment(seg: Segment, qcat: np.ndarray, starts: np.ndarray, late: bool) -> np.ndarray:
+    """Scores [docs, queries] of one segment for the queries stacked in ``qcat`` (query i from row
+    ``starts[i]``): MaxSim for ColBERT, dot products of unit vectors for dense models."""
+    n_docs = len(seg.ids)
+    if late and seg.scales is None and n_docs and kernel_path(seg.vectors.shape[1]):
         # float16 MaxSim: the kernel reads the mapped segment in place, one query at a time.
-        packed = PackedDocuments(seg.vectors, offsets)
+        out = np.empty((n_docs, len(starts)), dtype=np.float32)
+        packed = PackedDocuments(seg.vectors, seg.offsets)
         for i, (a, b) in enumerate(pairwise([*starts, len(qcat)])):
             out[:, i] = maxsim(qcat[a:b], packed, backend="kernel")
         return out
-    block = max(1, BLOCK_FLOATS // max(len(qcat), seg.vectors.shape[1]))
-    first = 0
-    while first < n_docs:
-        # Whole documents per block, at least one.
-        last = int(np.searchsorted(offsets, offsets[first] + block, side="right")) - 1
-        last = min(max(last, first + 1), n_docs)
-        lo, hi = int(offsets[first]), int(offsets[last])
-        sims = seg.rows(lo, hi) @ qcat.T  # [rows, query vectors]
-        if starts is None:
-            out[first:last] = sims
-        else:
-            best = np.maximum.reduceat(sims, offsets[first:last] - lo, axis=0)  # [docs, query vectors]
-            out[first:last] = np.add.reduceat(best, starts, axis=1)
-        first = last
-    return out
+    return maxsim_blocked(qcat, starts, seg.offsets, seg.rows)

@@ -39,22 +39,16 @@ import re
 import secrets
 import shutil
 import stat
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from filelock import FileLock
 
 from lfm2edge.runtime.errors import Lfm2EdgeError
 from lfm2edge.runtime.settings import ModelKind
-
-try:  # POSIX
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
-    import msvcrt
 
 FORMAT = "lfm2edge-index"
 FORMAT_VERSION = 1
@@ -207,28 +201,10 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock between processes (threads are serialised by the Index's own lock)."""
-    with open(path, "a+b") as f:
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        else:  # pragma: no cover - Windows
-            f.seek(0)
-            while True:
-                try:
-                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
-                    break
-                except OSError:
-                    continue
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-            else:  # pragma: no cover - Windows
-                f.seek(0)
-                msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+def writer_lock(root: Path) -> FileLock:
+    """The index's lock between processes (flock on POSIX, LockFileEx on Windows: filelock's); threads
+    are serialised by the Index's own lock."""
+    return FileLock(root / LOCK)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """A thin layer over llama-cpp-python's low-level API: load a model, tokenize, decode for embeddings.
 
-Never ``Llama.embed()``: it strides per-token rows by n_embd instead of n_embd_out and
-offsets the second input on wrongly. The rules this module keeps (notes §5.3, §6):
+Never stock ``Llama.embed()``: it strides per-token rows by n_embd instead of n_embd_out and
+offsets the second input on wrongly (lfm2edge's patch ``binding/0003`` fixes it for other users).
+The rules this module keeps, each one a crash or wrong vectors otherwise:
 - ``n_ubatch == n_batch`` and a decode never carries more tokens: a non-causal decode
   larger than n_ubatch aborts the whole process;
 - memory is cleared before every decode (KV and positions would carry over);
@@ -38,9 +39,7 @@ from lfm2edge.runtime.errors import (
 
 log = logging.getLogger("lfm2edge.llama")
 
-GGML_TYPE_F32 = 0
-GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR = 3, 4
-POOLING_NONE, POOLING_MEAN, POOLING_CLS, POOLING_LAST = 0, 1, 2, 3
+GGML_LOG_LEVEL_ERROR = 4  # ggml.h's enum ggml_log_level, which the binding does not export
 # llama.cpp's limit on sequence ids in one context (LLAMA_MAX_SEQ).
 MAX_SEQUENCES = 256
 
@@ -83,7 +82,8 @@ def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         log.log(logging.ERROR if level == GGML_LOG_LEVEL_ERROR else logging.DEBUG, message)
 
 
-def _init_backend() -> None:
+def init_backend() -> None:
+    """Initialise llama.cpp once per process, its log routed to the ``lfm2edge.llama`` logger."""
     global _backend_ready
     with _backend_lock:
         if not _backend_ready:
@@ -104,7 +104,7 @@ class LlamaModel:
     """
 
     def __init__(self, path: Path, n_gpu_layers: int | None = None, extra_buffers: bool | None = None):
-        _init_backend()
+        init_backend()
         params = ll.llama_model_default_params()
         if n_gpu_layers is not None:  # None keeps llama.cpp's default: offload where a GPU backend exists
             params.n_gpu_layers = n_gpu_layers
@@ -247,7 +247,7 @@ class EmbeddingContext:
         p.kv_unified = True
         p.no_perf = True
         if exact:
-            p.type_k = p.type_v = GGML_TYPE_F32
+            p.type_k = p.type_v = ll.GGML_TYPE_F32
             self.flash_attention = build_info().has_patch("flash-attention-f32")
         else:
             self.flash_attention = True
@@ -347,7 +347,7 @@ class EmbeddingContext:
                 "try a smaller batch_size or max_batch_tokens, and run `lfm2edge inspect` on the file"
             )
         n_out = self.model.n_embd_out
-        if self.pooling == POOLING_NONE:
+        if self.pooling == ll.LLAMA_POOLING_TYPE_NONE:
             rows = self._copy(ll.llama_get_embeddings(self._ctx), (total, n_out))
             return np.split(rows, np.cumsum(lengths)[:-1])
         return [self._copy(ll.llama_get_embeddings_seq(self._ctx, i), (n_out,)) for i in range(len(arrays))]

@@ -18,15 +18,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lfm2edge.runtime.architecture import GGUF_ARCH, Pooling, pooling_name
 from lfm2edge.runtime.gguf_file import GGUFHeader, GGUFType
 
 REMEDY = "re-convert the checkpoint with `lfm2edge convert`"
-ARCH = "lfm2"
+ARCH = GGUF_ARCH
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
 MAX_WIDTH = 1 << 16  # embedding, head and output widths; the 350M models use 1,024
 MAX_FF = 1 << 20
 MAX_L_CACHE = 64
-POOLING_TYPES = {0: "none", 1: "mean", 2: "cls", 3: "last"}  # the ones a retriever can use
+# The pooling types a retriever can use.
+POOLING_TYPES = {int(p): pooling_name(p) for p in (Pooling.NONE, Pooling.MEAN, Pooling.CLS, Pooling.LAST)}
 ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
 # Token types llama.cpp knows (LLAMA_TOKEN_TYPE_*): undefined, normal, unknown, control,
 # user defined, unused, byte.

@@ -10,10 +10,11 @@ no retriever. ``describe()`` itself refuses a damaged header or damaged lfm2edge
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lfm2edge.runtime import llama_keys
+from lfm2edge.runtime.architecture import BIDIRECTIONAL_ARCH, GGUF_ARCH, Pooling, pooling_name
 from lfm2edge.runtime.errors import ModelFileError
 from lfm2edge.runtime.gguf_file import GGUFHeader, GGUFType, read_header
 from lfm2edge.runtime.settings import (
@@ -24,12 +25,11 @@ from lfm2edge.runtime.settings import (
     colbert_defaults,
     embedding_defaults,
     from_metadata,
+    skiplist_ids_from_vocabulary,
     to_metadata,
 )
 
-POOLING_NAMES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
 ARCHITECTURE_KEY = Key.ARCHITECTURE
-BIDIRECTIONAL_ARCH = "Lfm2BidirectionalModel"
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class ModelFile:
                 "rejects it. Re-convert the checkpoint with `lfm2edge convert`, or download the re-uploaded "
                 "official GGUF (LiquidAI/LFM2.5-ColBERT-350M-GGUF, LiquidAI/LFM2.5-Embedding-350M-GGUF)."
             ]
-        if h.architecture != "lfm2":
+        if h.architecture != GGUF_ARCH:
             return [f"general.architecture is {h.architecture!r}, not 'lfm2': this is not an LFM2 retriever; convert "
                     "an LFM2 retriever checkpoint with `lfm2edge convert`"]
         found.extend(llama_keys.check(h))
@@ -83,15 +83,15 @@ class ModelFile:
                 "a ColBERT model needs its 1_Dense projection (dense_2.weight and lfm2.embedding_length_out), "
                 "which this file lacks. Re-convert with `lfm2edge convert` from the PyLate checkpoint folder."
             )
-        if self.kind is ModelKind.LATE_INTERACTION and self.pooling != 0:
+        if self.kind is ModelKind.LATE_INTERACTION and self.pooling != Pooling.NONE:
             found.append(
                 f"a ColBERT model outputs one vector per token, so lfm2.pooling_type must be 0 (none); this file "
-                f"has {POOLING_NAMES.get(self.pooling, self.pooling)}. Re-convert with `lfm2edge convert`."
+                f"has {pooling_name(self.pooling)}. Re-convert with `lfm2edge convert`."
             )
-        if self.kind is ModelKind.DENSE and self.pooling != 2:
+        if self.kind is ModelKind.DENSE and self.pooling != Pooling.CLS:
             found.append(
                 f"a dense model needs CLS pooling (lfm2.pooling_type = 2); this file has "
-                f"{POOLING_NAMES.get(self.pooling, self.pooling)}. Re-convert with `lfm2edge convert`."
+                f"{pooling_name(self.pooling)}. Re-convert with `lfm2edge convert`."
             )
         return found
 
@@ -108,7 +108,7 @@ def _pooling(h: GGUFHeader) -> int:
 def _infer_kind(h: GGUFHeader) -> ModelKind | None:
     if h.arch_key("embedding_length_out") is not None or h.tensor("dense_2.weight") is not None:
         return ModelKind.LATE_INTERACTION
-    if _pooling(h) != 0:
+    if _pooling(h) != Pooling.NONE:
         return ModelKind.DENSE
     return None
 
@@ -130,7 +130,7 @@ def describe(path: str | Path) -> ModelFile:
     h = read_header(path)
     # The vocabulary and context bound our settings only once llama.cpp's keys check out; otherwise
     # problems() names those keys, the root cause.
-    trusted = h.architecture == "lfm2" and not llama_keys.check(h)
+    trusted = h.architecture == GGUF_ARCH and not llama_keys.check(h)
     n_vocab = _n_vocab(h) if trusted else None
     n_ctx = _uint(h, f"{h.architecture}.context_length") if trusted else None
     try:
@@ -155,7 +155,8 @@ def describe(path: str | Path) -> ModelFile:
 
 
 def _colbert_defaults_for(h: GGUFHeader) -> RetrievalSettings:
-    """Published ColBERT settings, with the marker ids looked up in the file's own vocabulary."""
+    """Published ColBERT settings, with the marker and skiplist ids looked up in the file's own vocabulary
+    (never LFM2's byte layout assumed: there the skiplist could hold the marker ids)."""
     defaults = colbert_defaults(str(h.path))
     tokens = h.metadata.get("tokenizer.ggml.tokens")
     if _n_vocab(h) is None or not isinstance(tokens, list):
@@ -167,6 +168,5 @@ def _colbert_defaults_for(h: GGUFHeader) -> RetrievalSettings:
             f"{h.path} looks like a ColBERT model but its vocabulary has no '[Q] '/'[D] ' tokens; "
             "re-convert it with `lfm2edge convert` so the file carries its retrieval settings"
         )
-    from dataclasses import replace
-
-    return replace(defaults, query_prefix_id=q_id, document_prefix_id=d_id)
+    skiplist = skiplist_ids_from_vocabulary(tokens)
+    return replace(defaults, query_prefix_id=q_id, document_prefix_id=d_id, skiplist_ids=skiplist)

@@ -22,13 +22,10 @@ from typing import IO, Annotated, Any
 import numpy as np
 import typer
 
+from lfm2edge.runtime.cli_options import JsonFlag, Threads
 from lfm2edge.runtime.errors import InvalidInputError
 from lfm2edge.runtime.text import check_text
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="print one JSON document for scripts")]
-Threads = Annotated[
-    int | None, typer.Option("--threads", help="CPU threads for llama.cpp (default: all cores)")
-]
 InputFormat = Annotated[
     str,
     typer.Option(
@@ -100,7 +97,8 @@ def _json_record(n: int, line: str, source: str, text_field: str) -> dict[str, A
     return record
 
 
-def _progress() -> bool:
+def _show_progress() -> bool:
+    """Progress bars only for a person watching: never into a log or a pipe."""
     return sys.stderr.isatty()
 
 
@@ -240,7 +238,7 @@ def _encode(encoder, records: list[dict], as_queries: bool, suffix: str) -> tupl
             "a ColBERT model gives a matrix per text, which .npy cannot hold; use .npz or .jsonl"
         )
     method = encoder.encode_query if as_queries else encoder.encode_document
-    vectors = list(method([r["text"] for r in records], show_progress_bar=_progress()))
+    vectors = list(method([r["text"] for r in records], show_progress_bar=_show_progress()))
     summary = {
         "texts": len(vectors),
         "kind": encoder.kind.value,
@@ -324,7 +322,7 @@ def index_add(
                 metadata=[r.get("metadata") for r in records],
                 on_duplicate=on_duplicate,  # type: ignore[arg-type]
                 commit_every=commit_every,
-                show_progress_bar=_progress(),
+                show_progress_bar=_show_progress(),
             )
         except BaseException:
             # Commits before the failure stay: say what is in the index now, and how to resume.
@@ -632,16 +630,9 @@ def register(app: typer.Typer) -> None:
     app.command(epilog=_epilog("serve"))(serve)
 
 
-def main() -> None:
-    """These commands alone (``python -m lfm2edge.runtime.search_cli``), with lfm2edge's exit codes."""
-    from lfm2edge.cli import run
-
-    app = typer.Typer(
-        name="lfm2edge", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False
-    )
-    register(app)
-    run(app)
-
-
 if __name__ == "__main__":
+    # `python -m lfm2edge.runtime.search_cli` is `python -m lfm2edge`. Only this script entry reaches up to
+    # the root app (this file then runs as __main__): importing the module never imports lfm2edge.cli.
+    from lfm2edge.cli import main
+
     main()

@@ -116,10 +116,10 @@ def test_old_llama_cpp_is_refused(monkeypatch):
     assert "stock build" in ok.describe()
 
 
-def test_runtime_core_depends_on_numpy_and_llama_cpp_only():
+def test_runtime_core_depends_on_numpy_llama_cpp_and_filelock_only():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     names = {re.split(r"[<>=\[ ]", d)[0].lower() for d in project["dependencies"]}
-    assert names == {"numpy", "llama-cpp-python"}
+    assert names == {"numpy", "llama-cpp-python", "filelock"}  # filelock: pure Python, the index's lock
     assert "llama-cpp-python==0.3.36" in project["dependencies"]
     assert any(d.startswith("torch") for d in project["optional-dependencies"]["reference"])
 

@@ -95,3 +95,32 @@ def test_backends_and_bad_input():
         PackedDocuments(np.zeros((5, 8), np.float16), np.array([0, 3, 3, 5]))
     with pytest.raises(InvalidInputError, match="non-empty"):
         maxsim(np.zeros((0, 8), np.float32), PackedDocuments.pack([np.ones((2, 8))]))
+
+
+def test_blocked_numpy_scores_many_queries_at_once(monkeypatch):
+    """maxsim_blocked, the numpy path the index shares: several queries in one pass equal one at a time,
+    in blocks that cut anywhere; with one-row documents and one-vector queries it is the dot product."""
+    monkeypatch.setattr(m, "BLOCK_TOKENS", 11)  # many blocks, some smaller than a document
+    rng = np.random.default_rng(6)
+    docs = PackedDocuments.pack(_corpus(rng, 16, n_docs=60), np.float32)
+    queries = [rng.standard_normal((int(n), 16)).astype(np.float32) for n in (1, 7, 32)]
+    starts = np.cumsum([0] + [len(q) for q in queries[:-1]])
+
+    def rows(lo: int, hi: int) -> np.ndarray:
+        return docs.vectors[lo:hi]
+
+    together = m.maxsim_blocked(np.concatenate(queries), starts, docs.offsets, rows)
+    assert together.shape == (len(docs), len(queries))
+    per_doc = np.split(docs.vectors, docs.offsets[1:-1])
+    for i, q in enumerate(queries):
+        np.testing.assert_allclose(together[:, i], pylate_maxsim(q, per_doc), rtol=1e-5, atol=1e-5)
+    dense = m.normalize_rows(rng.standard_normal((25, 16)).astype(np.float32))
+    one_row = np.arange(len(dense) + 1)
+    unit_queries = m.normalize_rows(rng.standard_normal((3, 16)).astype(np.float32))
+    cosines = m.maxsim_blocked(unit_queries, np.arange(3), one_row, lambda lo, hi: dense[lo:hi])
+    np.testing.assert_allclose(cosines, dense @ unit_queries.T, rtol=1e-6, atol=1e-6)
+
+
+def test_normalize_rows():
+    x = np.array([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32)
+    np.testing.assert_allclose(m.normalize_rows(x), [[0.6, 0.8], [0.0, 0.0]])  # a zero row stays zero

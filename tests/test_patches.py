@@ -25,16 +25,8 @@ def _llama_embed_rows(gguf, texts, **kwargs):
         llm.close()
 
 
-def _embed_is_patched() -> bool:
-    import inspect
-
-    import llama_cpp
-
-    return "n_embd_out" in inspect.getsource(llama_cpp.Llama.embed)
-
-
 def test_llama_embed_returns_correct_colbert_rows(colbert_gguf, colbert_encoder):
-    require_patch(_embed_is_patched(), "embed-per-token-rows")
+    require_patch("embed-per-token-rows")
     got = _llama_embed_rows(colbert_gguf, TEXTS)
     assert len(got) == len(TEXTS)
     for text, rows in zip(TEXTS, got, strict=True):
@@ -45,7 +37,7 @@ def test_llama_embed_returns_correct_colbert_rows(colbert_gguf, colbert_encoder)
 
 
 def test_llama_embed_raises_instead_of_aborting_past_n_ubatch(colbert_gguf):
-    require_patch(_embed_is_patched(), "embed-per-token-rows")
+    require_patch("embed-per-token-rows")
     # In a child process: the unpatched binding aborts the whole process here.
     code = f"""
 import llama_cpp
@@ -68,13 +60,14 @@ except ValueError as e:
 def test_binding_exposes_the_key_mask():
     import llama_cpp
 
-    require_patch(hasattr(llama_cpp, "llama_set_attn_key_mask"), "bind-attn-key-mask")
+    require_patch("bind-attn-key-mask")
     assert llama_cpp.llama_set_attn_key_mask.argtypes[-1].__name__ == "c_int"
 
 
 def test_batched_encoding_without_memory_equals_one_at_a_time(colbert_encoder, embedding_encoder, sample):
     """The lfm2-embeddings-without-memory patch: many sequences in one micro-batch, same vectors."""
-    require_patch(not colbert_encoder._ctx.has_memory, "lfm2-embeddings-without-memory")
+    require_patch("lfm2-embeddings-without-memory")
+    assert not colbert_encoder._ctx.has_memory  # a bidirectional context without KV cache or conv states
     queries, documents = sample
     docs = documents[:20] + ["short", "?!", "x " * 300]  # mixed lengths in one decode
     alone = [colbert_encoder.encode_document(d) for d in docs]
@@ -120,7 +113,7 @@ def test_models_run_on_amx(outtype, bidirectional, tmp_path):
     if outtype == "bf16":
         if "-DGGML_AMX_BF16=ON" not in info.cmake_args:
             pytest.skip("this build has no AMX-BF16")
-        require_patch(info.has_patch("amx-bf16-matmul"), "amx-bf16-matmul")
+        require_patch("amx-bf16-matmul")
     # the real widths (1024, FFN 4608) so that ggml's AMX tile kernels take the matmuls; two layers
     shape = dataclasses.replace(TINY, hidden_size=1024, num_hidden_layers=2, attention_layers=(1,),
                                 num_attention_heads=16, num_key_value_heads=8, block_ff_dim=6656,
@@ -140,9 +133,8 @@ def test_exact_mode_runs_flash_attention_over_f32(colbert_gguf, colbert_referenc
     """The flash-attention-f32 patch: exact mode runs flash attention, K and V stay F32, and the vectors
     keep the exact bar against the reference (a cast to F16 costs about 1e-3 per token)."""
     import lfm2edge
-    from lfm2edge.runtime.build import build_info
 
-    require_patch(build_info().has_patch("flash-attention-f32"), "flash-attention-f32")
+    require_patch("flash-attention-f32")
     texts = list(sample[1][:24])
     with lfm2edge.load(colbert_gguf, n_threads=2) as exact, lfm2edge.load(colbert_gguf, n_threads=2,
                                                                           exact=False) as fast:

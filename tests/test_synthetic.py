@@ -28,11 +28,11 @@ from lfm2edge.convert.synthetic import (
     SyntheticShape,
     backbone_config,
     build_tokenizer,
-    bytes_to_unicode,
     effective_ff_dim,
     load_sample_texts,
     make_checkpoint,
 )
+from lfm2edge.runtime.vocabulary import bytes_to_unicode
 
 LANGUAGES = ("ar", "de", "en", "es", "fr", "it", "ja", "ko", "no", "pt", "sv")
 CHECKPOINTS = ("colbert_checkpoint", "embedding_checkpoint", "causal_colbert_checkpoint")
