@@ -185,8 +185,8 @@ class GraphEngine:
 
         ckpt = resolve(checkpoint)
         tokenizer = ckpt.load_tokenizer()
-        # Only the reference's text preparation is used (tokenize_query / tokenize_document): no torch model.
-        self.prep = ReferenceEncoder(None, tokenizer, ckpt.retrieval_settings(tokenizer))  # type: ignore[arg-type]
+        # Only the reference's text preparation (tokenize_query / tokenize_document): no torch model.
+        self.prep = ReferenceEncoder(None, tokenizer, ckpt.retrieval_settings(tokenizer))
         self.settings = self.prep.settings
         self.colbert = self.settings.is_colbert
         self._run = run_graph

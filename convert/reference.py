@@ -290,15 +290,19 @@ class ReferenceEncoder:
     Texts are tokenised HF-style: the tokenizer's post-processor adds BOS, and added/special tokens
     written in the text are matched. An empty (or all-whitespace) text still yields BOS, plus the
     marker for ColBERT, plus the expansion pads for a ColBERT query: what PyLate produces for "".
+    ``model=None`` (with ``settings``) prepares texts only (``tokenize_query`` / ``tokenize_document``):
+    what engines that run an exported graph of the reference need.
     """
 
     def __init__(
-        self, model: ReferenceModel, tokenizer: Tokenizer, settings: RetrievalSettings | None = None
+        self, model: ReferenceModel | None, tokenizer: Tokenizer, settings: RetrievalSettings | None = None
     ) -> None:
         from tokenizers import Tokenizer
 
+        if model is None and settings is None:
+            raise InvalidInputError("a ReferenceEncoder without a model needs the retrieval settings")
         self.model = model
-        self.settings = settings if settings is not None else model.settings
+        self.settings = settings if settings is not None else model.settings  # type: ignore[union-attr]
         # A private copy without any truncation/padding stored in tokenizer.json: we cut ourselves.
         self.tokenizer = Tokenizer.from_str(tokenizer.to_str())
         self.tokenizer.no_truncation()
@@ -367,7 +371,7 @@ class ReferenceEncoder:
         return ids, ~np.isin(ids, s.skiplist_array())
 
     def _dense(self, ids: np.ndarray) -> np.ndarray:
-        vec = self.model.cls_vector(ids).astype(np.float64)
+        vec = self._model().cls_vector(ids).astype(np.float64)
         if self.settings.normalize:
             vec /= max(np.linalg.norm(vec), 1e-12)  # sentence-transformers' normalize clamps the same way
         return vec.astype(np.float32)
@@ -382,7 +386,7 @@ class ReferenceEncoder:
         out: list[np.ndarray] = []
         for text in batch:
             ids, keys = self.tokenize_query(text, expansion)
-            out.append(self.model.token_vectors(ids, keys) if self.is_colbert else self._dense(ids))
+            out.append(self._model().token_vectors(ids, keys) if self.is_colbert else self._dense(ids))
         return self._pack(out, single)
 
     def encode_document(self, texts: str | Sequence[str]) -> np.ndarray | list[np.ndarray]:
@@ -393,7 +397,7 @@ class ReferenceEncoder:
         out: list[np.ndarray] = []
         for text in batch:
             ids, keep = self.tokenize_document(text)
-            out.append(self.model.token_vectors(ids)[keep] if self.is_colbert else self._dense(ids))
+            out.append(self._model().token_vectors(ids)[keep] if self.is_colbert else self._dense(ids))
         return self._pack(out, single)
 
     def _pack(self, out: list[np.ndarray], single: bool) -> np.ndarray | list[np.ndarray]:
@@ -401,7 +405,12 @@ class ReferenceEncoder:
             return out[0]
         if self.is_colbert:
             return out
-        return np.stack(out) if out else np.zeros((0, self.model.hidden_size), dtype=np.float32)
+        return np.stack(out) if out else np.zeros((0, self._model().hidden_size), dtype=np.float32)
+
+    def _model(self) -> ReferenceModel:
+        if self.model is None:
+            raise InvalidInputError("this ReferenceEncoder prepares texts only: load one with a model to encode")
+        return self.model
 
 
 def pylate_maxsim(query: np.ndarray, documents: Sequence[np.ndarray]) -> np.ndarray:
