@@ -11,8 +11,8 @@ PYTEST_ARGS ?=
 # The virtualenv with the project and its extras. The patched llama-cpp-python is built and
 # installed first (patches/build.py), so pip finds llama-cpp-python==0.3.36 already there and
 # never compiles the stock sdist itself. torch==2.13.0 is the CPU build. The editable install
-# also compiles the MaxSim kernel (runtime/_maxsim.c) in place.
-$(STAMP): pyproject.toml patches/build.py $(wildcard patches/*/*.patch) runtime/_maxsim.c
+# also compiles the MaxSim kernel (runtime/core/_maxsim.c) in place.
+$(STAMP): pyproject.toml patches/build.py $(wildcard patches/*/*.patch) runtime/core/_maxsim.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip setuptools wheel "scikit-build-core>=0.9.2"
 	$(PY) -m pip install -q torch==2.13.0
@@ -32,7 +32,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m lfm2edge.runtime.demo --model "$(MODEL)"
+	$(PY) -m lfm2edge.runtime.frontends.demo --model "$(MODEL)"
 
 # The bench's tables on stdout, its results as JSON (schema: bench/README.md) and its latency plot.
 BENCH_OUT ?= bench-results
@@ -44,4 +44,4 @@ lint: setup
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache runtime/_maxsim*.so
+	rm -rf $(VENV) .pytest_cache runtime/core/_maxsim*.so

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lfm2edge.runtime.errors import InvalidInputError
+from lfm2edge.runtime.core.errors import InvalidInputError
 
 DEFAULT_FORMATS: dict[str, tuple[str, ...]] = {"late_interaction": ("f16", "q8_0"), "dense": ("q8_0",)}
 MODEL_NAMES = {"late_interaction": "ColBERT", "dense": "Embedding"}
@@ -63,7 +63,7 @@ CONVERTER_MODULES = ("checkpoint", "pipeline", "quantize", "tensors", "vocab", "
 
 
 def _converter_digest() -> str:
-    from lfm2edge.runtime.build import build_info
+    from lfm2edge.runtime.core.build import build_info
 
     return _digest(_source_digest(CONVERTER_MODULES), build_info().binding_version)
 
@@ -164,7 +164,7 @@ def from_argument(
 ) -> ModelSpec:
     """A GGUF (measured as is; ``reference`` names its checkpoint for the PyTorch side), a folder or a hub id."""
     from lfm2edge.convert.checkpoint import resolve
-    from lfm2edge.runtime.model_file import describe
+    from lfm2edge.runtime.core.model_file import describe
 
     path = Path(model).expanduser()
     if path.is_file():

@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from lfm2edge.runtime.cli_options import Threads
-from lfm2edge.runtime.errors import InvalidInputError
+from lfm2edge.runtime.core.errors import InvalidInputError
+from lfm2edge.runtime.frontends.cli_options import Threads
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from lfm2edge.bench.eval_data import Dataset
-from lfm2edge.runtime.index import Index, IndexCorruptError
-from lfm2edge.runtime.progress import progress_bar
+from lfm2edge.runtime.core.progress import progress_bar
+from lfm2edge.runtime.storage.index import Index, IndexCorruptError
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "lfm2edge" / "eval"
 KEY_CHARS = 16  # of a sha256: enough to tell models and corpora apart, short enough to read

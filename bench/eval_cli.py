@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from lfm2edge.runtime.cli_options import Threads
-from lfm2edge.runtime.errors import InvalidInputError
+from lfm2edge.runtime.core.errors import InvalidInputError
+from lfm2edge.runtime.frontends.cli_options import Threads
 
 HELP = (
     "Retrieval quality (NDCG@10, Recall@k, MRR@10) of GGUFs and the PyTorch reference on BEIR-layout data."

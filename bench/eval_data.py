@@ -18,9 +18,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lfm2edge.runtime.errors import InvalidInputError
-from lfm2edge.runtime.index import MAX_ID_CHARS
-from lfm2edge.runtime.text import check_text
+from lfm2edge.runtime.core.errors import InvalidInputError
+from lfm2edge.runtime.core.text import check_text
+from lfm2edge.runtime.storage.index import MAX_ID_CHARS
 
 CORPUS = "corpus.jsonl"
 QUERIES = "queries.jsonl"

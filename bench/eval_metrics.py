@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from lfm2edge.runtime.errors import FeatureUnavailableError, InvalidInputError
+from lfm2edge.runtime.core.errors import FeatureUnavailableError, InvalidInputError
 
 HEADLINE = "NDCG@10"
 Run = Mapping[str, Mapping[str, float]]  # query id -> document id -> score

@@ -1,6 +1,6 @@
 """Run retrievers over BEIR datasets: one ranked run and its metrics per (table row, dataset).
 
-A row is a model with one set of options. GGUFs rank through ``lfm2edge.runtime.index.Index`` (its
+A row is a model with one set of options. GGUFs rank through ``lfm2edge.runtime.storage.index.Index`` (its
 documents cached by ``eval_cache``), so ``--pool-factor`` and ``--storage`` act exactly as they do for
 users: MaxSim for ColBERT, cosine for dense models. ``--query-expansion`` loads the ColBERT model once per
 mode; the documents are encoded once for all modes. A checkpoint runs through the PyTorch reference
@@ -19,8 +19,8 @@ import numpy as np
 from lfm2edge.bench.eval_cache import DEFAULT_CACHE_DIR, document_index, folder_hash, reference_documents
 from lfm2edge.bench.eval_data import Dataset
 from lfm2edge.bench.eval_metrics import Run, run_depth, score_run
-from lfm2edge.runtime.errors import FeatureUnavailableError, InvalidInputError
-from lfm2edge.runtime.settings import ModelKind
+from lfm2edge.runtime.core.errors import FeatureUnavailableError, InvalidInputError
+from lfm2edge.runtime.core.settings import ModelKind
 
 QUERY_EXPANSIONS = ("pylate", "attended", "none")
 STORAGES = ("float16", "int8")
@@ -126,12 +126,12 @@ def evaluate(
 
 def _check_before_work(specs: Sequence[ModelSpec], options: Options, log: Callable[[str], None]) -> None:
     """Refuse what would fail halfway through (a damaged file, a mode this build lacks) before encoding."""
-    from lfm2edge.runtime.model_file import describe
+    from lfm2edge.runtime.core.model_file import describe
 
     kinds = [describe(s.source).kind for s in specs if not s.reference]
     colbert = ModelKind.LATE_INTERACTION in kinds
     if "pylate" in options.query_expansions and colbert:
-        from lfm2edge.runtime.llama import supports_key_mask
+        from lfm2edge.runtime.core.llama import supports_key_mask
 
         if not supports_key_mask():
             raise FeatureUnavailableError(
@@ -147,8 +147,8 @@ def _evaluate_gguf(
     spec: ModelSpec, datasets: Sequence[Dataset], opt: Options, log: Callable[[str], None]
 ) -> Iterator[DatasetResult]:
     import lfm2edge
-    from lfm2edge.runtime.index import Index, model_identity
-    from lfm2edge.runtime.model_file import describe
+    from lfm2edge.runtime.core.model_file import describe
+    from lfm2edge.runtime.storage.index import Index, model_identity
 
     colbert = describe(spec.source).kind is ModelKind.LATE_INTERACTION
     modes: Sequence[str | None] = (opt.query_expansions or (None,)) if colbert else (None,)
@@ -200,7 +200,7 @@ def _evaluate_reference(
             f"the PyTorch reference for {spec.source} needs torch and transformers ({e.name} is missing): "
             "pip install 'lfm2edge[reference]', or evaluate GGUF files only"
         ) from None
-    from lfm2edge.runtime.maxsim import PackedDocuments, maxsim
+    from lfm2edge.runtime.core.maxsim import PackedDocuments, maxsim
 
     checkpoint = resolve(spec.source)
     reference = ReferenceEncoder.from_checkpoint(checkpoint, threads=opt.threads)

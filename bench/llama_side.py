@@ -17,7 +17,7 @@ class LlamaEngine:
     """``regimes.Engine`` over a ``DenseEncoder`` / ``ColBERTEncoder``."""
 
     def __init__(self, encoder):
-        from lfm2edge.runtime.encoders import ColBERTEncoder
+        from lfm2edge.runtime.core.encoders import ColBERTEncoder
 
         self.encoder = encoder
         self.colbert = isinstance(encoder, ColBERTEncoder)
@@ -70,8 +70,8 @@ def _load(spec: SideSpec, query_expansion: str | None):
 
 
 def run(spec: SideSpec, progress: Progress) -> SideOutput:
-    import lfm2edge.runtime.encoders  # noqa: F401 - imported before the baseline RSS
-    from lfm2edge.runtime.errors import FeatureUnavailableError
+    import lfm2edge.runtime.core.encoders  # noqa: F401 - imported before the baseline RSS
+    from lfm2edge.runtime.core.errors import FeatureUnavailableError
 
     rss_before, _ = rss()  # interpreter, numpy and llama.cpp loaded; no model yet
     progress("loading")

@@ -70,7 +70,7 @@ def load_average() -> list[float] | None:
 
 def maxsim_backend() -> str:
     """What scores MaxSim here at ColBERT's 128 dims: "kernel avx512", "kernel avx2" or "numpy"."""
-    from lfm2edge.runtime.maxsim import kernel_path
+    from lfm2edge.runtime.core.maxsim import kernel_path
 
     path = kernel_path(128)
     return f"kernel {path}" if path else "numpy"
@@ -78,7 +78,7 @@ def maxsim_backend() -> str:
 
 def describe_machine(threads: int) -> dict:
     """Everything the JSON's ``machine`` object holds (see bench/README.md)."""
-    from lfm2edge.runtime.build import build_info
+    from lfm2edge.runtime.core.build import build_info
 
     model, flags = _cpuinfo()
     b = build_info()
@@ -119,7 +119,7 @@ def describe_machine(threads: int) -> dict:
 
 def amx_usable() -> bool:
     """Whether llama.cpp's AMX path can run here: a build compiled with AMX on a CPU that has AMX-INT8."""
-    from lfm2edge.runtime.build import build_info
+    from lfm2edge.runtime.core.build import build_info
 
     return build_info().amx and "amx_int8" in _cpuinfo()[1]
 
@@ -127,7 +127,7 @@ def amx_usable() -> bool:
 def bf16_on_amx() -> bool:
     """Whether bf16 GGUFs run on AMX tiles here: lfm2edge's patch llama.cpp/0004, built with AMX-BF16, on a
     CPU that has it."""
-    from lfm2edge.runtime.build import build_info
+    from lfm2edge.runtime.core.build import build_info
 
     return amx_usable() and build_info().bf16_on_amx and "amx_bf16" in _cpuinfo()[1]
 

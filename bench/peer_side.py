@@ -41,7 +41,7 @@ PEER_MODULES: dict[str, tuple[str, ...]] = {
 
 def parse_peers(text: str | None) -> tuple[str, ...]:
     """``--peers onnxruntime,openvino`` -> the engine names, checked."""
-    from lfm2edge.runtime.errors import InvalidInputError
+    from lfm2edge.runtime.core.errors import InvalidInputError
 
     names = tuple(p.strip().lower() for p in (text or "").split(",") if p.strip())
     for name in names:
@@ -232,7 +232,7 @@ class GraphEngine:
         return out
 
     def rerank(self, query: str, documents: Sequence[str], top_k: int) -> np.ndarray:
-        from lfm2edge.runtime.maxsim import maxsim
+        from lfm2edge.runtime.core.maxsim import maxsim
 
         q = self.encode_query(query)
         docs = self.encode_documents(documents, 1)

@@ -281,7 +281,7 @@ def summarize(nodes: list[Node], ms: np.ndarray) -> tuple[list[Row], list[Row], 
 def decode_timer() -> Iterator[list[int]]:
     """Nanoseconds of every llama_decode the runtime makes meanwhile.
 
-    lfm2edge.runtime.llama calls ``llama_cpp.llama_decode`` through the module at each call,
+    lfm2edge.runtime.core.llama calls ``llama_cpp.llama_decode`` through the module at each call,
     so a wrapper there times exactly the C call without touching the runtime.
     """
     import llama_cpp as ll
@@ -314,7 +314,7 @@ def make_text(encoder, kind: str, tokens: int) -> str:
 
 def _prepare(encoder, kind: str, text: str) -> tuple[np.ndarray, np.ndarray | None]:
     """The token ids (and attention-key flags) the encoder decodes for this text."""
-    from lfm2edge.runtime.encoders import ColBERTEncoder
+    from lfm2edge.runtime.core.encoders import ColBERTEncoder
 
     if isinstance(encoder, ColBERTEncoder):
         if kind == "query":
@@ -351,8 +351,8 @@ class ForeignCpu:
 
 def profile_case(encoder, kind: str, tokens: int, repeats: int) -> CaseProfile:
     """Normal and node-by-node timings of one text of ``tokens`` positions."""
-    from lfm2edge.runtime.encoders import MAX_SEQUENCES_PER_CALL
-    from lfm2edge.runtime.llama import EmbeddingContext
+    from lfm2edge.runtime.core.encoders import MAX_SEQUENCES_PER_CALL
+    from lfm2edge.runtime.core.llama import EmbeddingContext
 
     text = make_text(encoder, kind, tokens)
     ids, keys = _prepare(encoder, kind, text)
@@ -431,7 +431,7 @@ def profile(path: str | Path, tokens: list[int], repeats: int = 5, threads: int 
             extra_buffers: bool | None = None, kind: str = "auto") -> dict:
     """Profile every length in ``tokens`` on one loaded model; a JSON-ready dict."""
     import lfm2edge
-    from lfm2edge.runtime.encoders import ColBERTEncoder
+    from lfm2edge.runtime.core.encoders import ColBERTEncoder
 
     t0 = time.perf_counter()
     encoder = lfm2edge.load(path, n_threads=threads, extra_buffers=extra_buffers,
@@ -488,7 +488,7 @@ def format_report(result: dict, top: int = 25) -> str:
 
 
 def _case_kind(encoder, kind: str, tokens: int) -> str:
-    from lfm2edge.runtime.encoders import ColBERTEncoder
+    from lfm2edge.runtime.core.encoders import ColBERTEncoder
 
     if kind != "auto":
         return kind

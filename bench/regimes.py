@@ -138,7 +138,7 @@ def figure_plan(spec: SideSpec) -> list[tuple]:
 
 def random_index(n_docs: int, tokens: int, dim: int, seed: int):
     """N documents of ``tokens`` random unit vectors each, packed in float16 (built in chunks)."""
-    from lfm2edge.runtime.maxsim import PackedDocuments
+    from lfm2edge.runtime.core.maxsim import PackedDocuments
 
     rng = np.random.default_rng(seed)
     vectors = np.empty((n_docs * tokens, dim), dtype=np.float16)
@@ -188,7 +188,7 @@ def measure_side(
     Returns (figures, texts, query vectors by index, document vectors by index, peak RSS before
     the cached-document index). ``memory_now()`` gives (rss, peak rss) in bytes.
     """
-    from lfm2edge.runtime.maxsim import maxsim
+    from lfm2edge.runtime.core.maxsim import maxsim
 
     plan = spec.plan
     texts = build_texts(engine, plan)

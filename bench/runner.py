@@ -52,7 +52,7 @@ AMX_QUANTIZED_FORMATS = ("q4_0", "q4_1", "q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "
 
 
 def amx_tile_formats() -> tuple[str, ...]:
-    from lfm2edge.runtime.build import build_info
+    from lfm2edge.runtime.core.build import build_info
 
     return AMX_QUANTIZED_FORMATS + (("bf16",) if build_info().bf16_on_amx else ())
 

@@ -60,7 +60,7 @@ class TorchEngine:
         return list(out)
 
     def rerank(self, query: str, documents: Sequence[str], top_k: int) -> np.ndarray:
-        from lfm2edge.runtime.maxsim import maxsim
+        from lfm2edge.runtime.core.maxsim import maxsim
 
         q = self.encode_query(query)
         docs = self.encode_documents(documents, len(documents))

@@ -16,10 +16,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from lfm2edge.convert.safetensors_io import TensorEntry, read_entries, read_tensor
-from lfm2edge.runtime.architecture import BIDIRECTIONAL_ARCH, Pooling
-from lfm2edge.runtime.errors import CheckpointError
-from lfm2edge.runtime.llama_keys import MAX_FF, MAX_L_CACHE, MAX_LAYERS, MAX_WIDTH
-from lfm2edge.runtime.settings import (
+from lfm2edge.runtime.core.architecture import BIDIRECTIONAL_ARCH, Pooling
+from lfm2edge.runtime.core.errors import CheckpointError
+from lfm2edge.runtime.core.llama_keys import MAX_FF, MAX_L_CACHE, MAX_LAYERS, MAX_WIDTH
+from lfm2edge.runtime.core.settings import (
     ModelKind,
     RetrievalSettings,
     Similarity,
@@ -173,7 +173,7 @@ def effective_ff_dim(raw: dict, where: Path | str = "config.json") -> int:
 def parse_backbone_config(raw: object, where: Path | str = "config.json") -> BackboneConfig:
     """Normalise a raw config.json dict; raises CheckpointError naming the file, the key and the value.
 
-    The bounds are llama.cpp's (runtime/llama_keys.py): a config that passes converts into a
+    The bounds are llama.cpp's (runtime/core/llama_keys.py): a config that passes converts into a
     file that ``lfm2edge.load`` accepts.
     """
     f = _Fields(raw, where)

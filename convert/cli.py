@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from lfm2edge.runtime.cli_options import JsonFlag, Threads
-from lfm2edge.runtime.errors import VerificationError
+from lfm2edge.runtime.core.errors import VerificationError
+from lfm2edge.runtime.frontends.cli_options import JsonFlag, Threads
 
 OUTTYPE_HELP = "f32, f16, bf16, q8_0 (written directly) or q4_0, q4_k_m, q5_k_m, q6_k, ... (llama.cpp's quantizer)"
 

@@ -13,7 +13,7 @@ import os
 import stat
 from pathlib import Path
 
-from lfm2edge.runtime.errors import ConversionError, InvalidInputError
+from lfm2edge.runtime.core.errors import ConversionError, InvalidInputError
 
 
 def check_output(path: Path, force: bool) -> None:

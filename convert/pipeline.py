@@ -15,8 +15,8 @@ from lfm2edge.convert.output import check_output, publish
 from lfm2edge.convert.quantize import LLAMA_QUANT_TYPES, quantize_file
 from lfm2edge.convert.tensors import DIRECT_TYPES
 from lfm2edge.convert.writer import write_gguf
-from lfm2edge.runtime.errors import ConversionError, InvalidInputError, ModelFileError
-from lfm2edge.runtime.model_file import describe
+from lfm2edge.runtime.core.errors import ConversionError, InvalidInputError, ModelFileError
+from lfm2edge.runtime.core.model_file import describe
 
 OUTTYPES = tuple(DIRECT_TYPES) + tuple(LLAMA_QUANT_TYPES)
 

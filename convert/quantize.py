@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gguf import LlamaFileType
 
-from lfm2edge.runtime.errors import ConversionError, InvalidInputError
+from lfm2edge.runtime.core.errors import ConversionError, InvalidInputError
 
 # outtype -> llama_ftype, named by gguf. IQ types are left out: they need an importance matrix.
 LLAMA_QUANT_TYPES: dict[str, int] = {
@@ -31,8 +31,8 @@ def quantize_file(src: Path, dst: Path, outtype: str, n_threads: int | None = No
         raise InvalidInputError(f"unknown quantization type {outtype!r}; choose one of {', '.join(LLAMA_QUANT_TYPES)}")
     import llama_cpp as ll
 
-    from lfm2edge.runtime.cpu import default_threads
-    from lfm2edge.runtime.llama import init_backend
+    from lfm2edge.runtime.core.cpu import default_threads
+    from lfm2edge.runtime.core.llama import init_backend
 
     init_backend()
     params = ll.llama_model_quantize_default_params()

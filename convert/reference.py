@@ -32,8 +32,8 @@ from transformers import Lfm2Config, Lfm2Model
 from transformers.models.lfm2.modeling_lfm2 import Lfm2Attention, Lfm2ShortConv
 
 from lfm2edge.convert.checkpoint import BackboneConfig, Checkpoint, resolve
-from lfm2edge.runtime.errors import CheckpointError, InvalidInputError
-from lfm2edge.runtime.settings import ModelKind, RetrievalSettings
+from lfm2edge.runtime.core.errors import CheckpointError, InvalidInputError
+from lfm2edge.runtime.core.settings import ModelKind, RetrievalSettings
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

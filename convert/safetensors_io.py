@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lfm2edge.runtime.errors import CheckpointError
+from lfm2edge.runtime.core.errors import CheckpointError
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own limit

@@ -35,7 +35,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from lfm2edge.convert.checkpoint import auto_adjusted_ff_dim
-from lfm2edge.runtime.vocabulary import bytes_to_unicode
+from lfm2edge.runtime.core.vocabulary import bytes_to_unicode
 
 __all__ = [
     "BYTE_TOKEN_OFFSET",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lfm2edge.runtime.errors import InvalidInputError
+from lfm2edge.runtime.core.errors import InvalidInputError
 
 # file type -> (min cosine, mean cosine, min mean top-10 overlap); cosine is per token for
 # ColBERT and per vector for dense. f32 is the converter's exactness bar. From f16 down,
@@ -105,8 +105,8 @@ def verify(gguf_path: str | Path, reference, n_threads: int | None = None,
     ``reference`` is the checkpoint (folder or hub id) or an already built ReferenceEncoder.
     """
     from lfm2edge.convert.reference import ReferenceEncoder, pylate_maxsim
-    from lfm2edge.runtime.encoders import ColBERTEncoder, load
-    from lfm2edge.runtime.maxsim import maxsim
+    from lfm2edge.runtime.core.encoders import ColBERTEncoder, load
+    from lfm2edge.runtime.core.maxsim import maxsim
 
     default_q, default_d = sample_texts()
     queries, documents = queries or default_q, documents or default_d

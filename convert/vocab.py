@@ -13,7 +13,7 @@ from pathlib import Path
 import gguf
 
 from lfm2edge.convert.checkpoint import read_tokenizer
-from lfm2edge.runtime.errors import CheckpointError
+from lfm2edge.runtime.core.errors import CheckpointError
 
 PRE_TOKENIZER = "lfm2"
 

@@ -16,11 +16,11 @@ import numpy as np
 from lfm2edge.convert.checkpoint import Checkpoint
 from lfm2edge.convert.tensors import DENSE_TENSOR, gguf_name, prepare, tensor_type
 from lfm2edge.convert.vocab import load_vocab, write_vocab
-from lfm2edge.runtime.architecture import GGUF_ARCH
-from lfm2edge.runtime.errors import CheckpointError
-from lfm2edge.runtime.gguf_file import GGUFType
-from lfm2edge.runtime.llama_keys import Dims
-from lfm2edge.runtime.settings import SETTINGS_BY_KEY, Key, RetrievalSettings, to_metadata
+from lfm2edge.runtime.core.architecture import GGUF_ARCH
+from lfm2edge.runtime.core.errors import CheckpointError
+from lfm2edge.runtime.core.gguf_file import GGUFType
+from lfm2edge.runtime.core.llama_keys import Dims
+from lfm2edge.runtime.core.settings import SETTINGS_BY_KEY, Key, RetrievalSettings, to_metadata
 
 ARCHITECTURE_KEY = Key.ARCHITECTURE  # the HF architecture the file came from
 FILE_TYPES = {

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import lfm2edge
 from lfm2edge.cli import describe_error
-from lfm2edge.runtime.index import Index
+from lfm2edge.runtime.storage.index import Index
 
 SUFFIXES = {".txt", ".md"}
 MAX_FILE_BYTES = 64 << 20  # larger files are skipped: notes are not that big, a stray dump might be

@@ -32,15 +32,15 @@ os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 _EXPORTS: dict[str, tuple[str, str]] = {
     name: (module, name)
     for module, names in {
-        "lfm2edge.runtime.encoders": ("load", "DenseEncoder", "ColBERTEncoder", "Ranking"),
-        "lfm2edge.runtime.maxsim": ("maxsim", "PackedDocuments"),
-        "lfm2edge.runtime.build": ("build_info",),
-        "lfm2edge.runtime.errors": (
+        "lfm2edge.runtime.core.encoders": ("load", "DenseEncoder", "ColBERTEncoder", "Ranking"),
+        "lfm2edge.runtime.core.maxsim": ("maxsim", "PackedDocuments"),
+        "lfm2edge.runtime.core.build": ("build_info",),
+        "lfm2edge.runtime.core.errors": (
             "Lfm2EdgeError", "InvalidInputError", "ModelFileError", "CheckpointError", "ConversionError",
             "UnsupportedBuildError", "FeatureUnavailableError", "EncoderClosedError", "DecodeError",
             "VerificationError",
         ),
-        "lfm2edge.runtime.index": (
+        "lfm2edge.runtime.storage.index": (
             "Index", "Hit", "IndexCorruptError", "IndexModelMismatchError", "DuplicateIdError",
         ),
     }.items()

@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 
-from lfm2edge.runtime.errors import (
+from lfm2edge.runtime.core.errors import (
     CheckpointError,
     ConversionError,
     EncoderClosedError,
@@ -43,7 +43,7 @@ EXIT_FILE_ERROR = 7  # an OSError: a path that cannot be read or written
 
 
 def _index_exit_codes() -> list[tuple[type[Lfm2EdgeError], int]]:
-    from lfm2edge.runtime.index import IndexCorruptError
+    from lfm2edge.runtime.storage.index import IndexCorruptError
 
     return [(IndexCorruptError, 6)]
 
@@ -111,8 +111,8 @@ def build_app():
     from lfm2edge.bench import cli as bench_cli
     from lfm2edge.bench import eval_cli
     from lfm2edge.convert import cli as convert_cli
-    from lfm2edge.runtime import cli as runtime_cli
-    from lfm2edge.runtime import search_cli
+    from lfm2edge.runtime.frontends import cli as runtime_cli
+    from lfm2edge.runtime.frontends import search_cli
 
     app = typer.Typer(
         name="lfm2edge",

@@ -38,7 +38,7 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 VENDORED_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 
 PATCH_DIR = Path(__file__).resolve().parent
-# Written into the wheel so the runtime can report what it runs (lfm2edge.runtime.build).
+# Written into the wheel so the runtime can report what it runs (lfm2edge.runtime.core.build).
 BUILD_INFO = "llama_cpp/lfm2edge_build.json"
 
 

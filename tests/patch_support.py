@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from lfm2edge.runtime.build import build_info
+from lfm2edge.runtime.core.build import build_info
 
 STOCK = os.environ.get("LFM2EDGE_PATCHES") == "0"
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import lfm2edge.runtime.build as build_module
-from lfm2edge.runtime.build import BuildInfo, build_info, check_build
-from lfm2edge.runtime.errors import UnsupportedBuildError
+import lfm2edge.runtime.core.build as build_module
+from lfm2edge.runtime.core.build import BuildInfo, build_info, check_build
+from lfm2edge.runtime.core.errors import UnsupportedBuildError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,7 +150,7 @@ def test_package_maps_one_import_package():
 
 
 def test_fastest_type_is_bf16_only_where_it_runs_on_amx():
-    from lfm2edge.runtime.build import BuildInfo
+    from lfm2edge.runtime.core.build import BuildInfo
 
     amx_info = "CPU : AVX512 = 1 | AMX_INT8 = 1 |"
     patched = ("llama.cpp/0003-amx-tile-config-barrier.patch", "llama.cpp/0004-amx-bf16-matmul.patch")

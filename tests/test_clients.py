@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from lfm2edge.runtime.maxsim import maxsim
+from lfm2edge.runtime.core.maxsim import maxsim
 
 from .test_server import DOCS, QUERIES, Server
 

@@ -17,9 +17,9 @@ from lfm2edge.convert.checkpoint import Checkpoint, resolve
 from lfm2edge.convert.pipeline import convert
 from lfm2edge.convert.synthetic import make_checkpoint
 from lfm2edge.convert.verify import verify
-from lfm2edge.runtime.errors import CheckpointError, InvalidInputError
-from lfm2edge.runtime.model_file import describe
-from lfm2edge.runtime.settings import NAMESPACE, ModelKind
+from lfm2edge.runtime.core.errors import CheckpointError, InvalidInputError
+from lfm2edge.runtime.core.model_file import describe
+from lfm2edge.runtime.core.settings import NAMESPACE, ModelKind
 
 from .upstream import convert_with_upstream
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lfm2edge.runtime.cpu import (
+from lfm2edge.runtime.core.cpu import (
     CpuReading,
     CpuWatch,
     ThreadPolicy,

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from lfm2edge.runtime import demo
+from lfm2edge.runtime.frontends import demo
 
 
 def test_faq_corpus_covers_the_11_languages():
@@ -38,7 +38,7 @@ def test_demo_falls_back_to_a_random_model_when_the_hub_is_unreachable(tmp_path)
     }
     args = ["--model", "LiquidAI/LFM2.5-ColBERT-350M", "--stand-in", "tiny", "--outtype", "f32", "-t", "1"]
     proc = subprocess.run(
-        [sys.executable, "-m", "lfm2edge.runtime.demo", *args],
+        [sys.executable, "-m", "lfm2edge.runtime.frontends.demo", *args],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -57,6 +57,6 @@ def test_demo_falls_back_only_when_the_hub_is_unreachable(tmp_path, capsys):
 
 def test_importing_the_demo_loads_neither_the_converter_nor_torch():
     heavy = ("torch", "lfm2edge.convert.pipeline", "lfm2edge.convert.synthetic")
-    code = f"import sys, lfm2edge.runtime.demo; print([m for m in {heavy} if m in sys.modules])"
+    code = f"import sys, lfm2edge.runtime.frontends.demo; print([m for m in {heavy} if m in sys.modules])"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]

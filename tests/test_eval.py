@@ -20,7 +20,7 @@ from lfm2edge.bench.eval_data import load_datasets
 from lfm2edge.bench.eval_metrics import metric_names, score_run, trec_run_lines
 from lfm2edge.bench.eval_report import run_file
 from lfm2edge.bench.eval_run import Row
-from lfm2edge.runtime.errors import InvalidInputError
+from lfm2edge.runtime.core.errors import InvalidInputError
 
 ir_measures = pytest.importorskip("ir_measures")
 
@@ -306,7 +306,7 @@ def test_second_run_with_another_query_option_reuses_the_cached_documents(
     for r in result["rows"]:
         encoded = {d["encoded_documents"] for d in r["datasets"].values()}
         assert encoded == ({5} if r["query_expansion"] in ("attended", None) else {0}), r["label"]
-    from lfm2edge.runtime.llama import supports_key_mask
+    from lfm2edge.runtime.core.llama import supports_key_mask
 
     before = segment_mtimes(out / "cache")
     done = run_cli(

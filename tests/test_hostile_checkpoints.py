@@ -312,7 +312,7 @@ def _convert(*args, **kwargs):
 
 
 def test_existing_output_is_kept_unless_forced(colbert_checkpoint, tmp_path):
-    from lfm2edge.runtime.errors import ConversionError
+    from lfm2edge.runtime.core.errors import ConversionError
 
     out = tmp_path / "m.gguf"
     out.write_bytes(b"precious")
@@ -326,7 +326,7 @@ def test_existing_output_is_kept_unless_forced(colbert_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("force", [False, True])
 def test_never_replaces_anything_but_a_regular_file(colbert_checkpoint, tmp_path, force):
-    from lfm2edge.runtime.errors import ConversionError
+    from lfm2edge.runtime.core.errors import ConversionError
 
     folder = tmp_path / "dir.gguf"
     folder.mkdir()
@@ -350,7 +350,7 @@ def test_never_replaces_anything_but_a_regular_file(colbert_checkpoint, tmp_path
 def test_written_file_is_checked_before_it_is_kept(colbert_gguf, tmp_path):
     """The last guard: a written file that load() would refuse is not published."""
     from lfm2edge.convert.pipeline import _check_written
-    from lfm2edge.runtime.errors import ConversionError
+    from lfm2edge.runtime.core.errors import ConversionError
 
     broken = tmp_path / "broken.gguf"
     raw = bytearray(colbert_gguf.read_bytes())
@@ -363,7 +363,7 @@ def test_written_file_is_checked_before_it_is_kept(colbert_gguf, tmp_path):
 
 
 def test_source_is_not_a_local_path(colbert_gguf, colbert_checkpoint):
-    from lfm2edge.runtime.model_file import describe
+    from lfm2edge.runtime.core.model_file import describe
 
     source = describe(colbert_gguf).settings.source
     assert source == colbert_checkpoint.name and "/" not in source

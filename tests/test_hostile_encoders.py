@@ -25,8 +25,8 @@ import subprocess, sys, threading, time
 import numpy as np
 import llama_cpp as ll
 import lfm2edge
-from lfm2edge.runtime.errors import EncoderClosedError, InvalidInputError
-from lfm2edge.runtime.llama import EmbeddingContext
+from lfm2edge.runtime.core.errors import EncoderClosedError, InvalidInputError
+from lfm2edge.runtime.core.llama import EmbeddingContext
 
 PATHS = {paths!r}
 col = lfm2edge.load(PATHS["colbert"], n_threads=1)

@@ -30,8 +30,8 @@ import json, os, re, shutil, warnings
 from pathlib import Path
 import numpy as np
 import lfm2edge
-from lfm2edge.runtime.index import Index, check_metadata
-from lfm2edge.runtime.maxsim import PackedDocuments, maxsim
+from lfm2edge.runtime.storage.index import Index, check_metadata
+from lfm2edge.runtime.core.maxsim import PackedDocuments, maxsim
 
 SETUP = json.loads(SETUP_JSON)
 BASE = {k: Path(v) for k, v in SETUP["bases"].items()}
@@ -841,7 +841,7 @@ CASES += _lifecycle_cases()
 
 @pytest.fixture(scope="module")
 def outcomes(colbert_encoder, embedding_encoder, colbert_gguf, embedding_gguf, tmp_path_factory):
-    from lfm2edge.runtime.index import Index
+    from lfm2edge.runtime.storage.index import Index
 
     sample = load_sample_texts()
     texts = [d["text"] for d in sample["documents"]][:6]

@@ -460,7 +460,7 @@ def _structure_cases(base: str, tag: str) -> list[Case]:
 
 def cut_points(src: Path, count: int) -> list[int]:
     """``count`` truncation offsets of ``src``: three quarters over the header, the rest over the tensor data."""
-    from lfm2edge.runtime.gguf_file import read_header
+    from lfm2edge.runtime.core.gguf_file import read_header
 
     size, header = Path(src).stat().st_size, read_header(src).data_offset
     edges = [0, 3, 4, 7, 8, 15, 16, 23, 24, 25, 31, 32, 33]
@@ -535,7 +535,7 @@ def _prelude(colbert: Path, embedding: Path) -> str:
         "from tests.test_hostile_model_files import variant, truncated, patched, after, tokens_of, refused, "
         "cut_points, settings_keys\n"
         "import lfm2edge\n"
-        "from lfm2edge.runtime.build import check_build\n"
+        "from lfm2edge.runtime.core.build import check_build\n"
         "check_build()\n"
         f"COLBERT, EMBEDDING = Path({str(colbert)!r}), Path({str(embedding)!r})\n"
     )

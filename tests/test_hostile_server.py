@@ -31,8 +31,8 @@ import numpy as np
 import pytest
 
 from lfm2edge.convert.synthetic import load_sample_texts
-from lfm2edge.runtime.index import Index
-from lfm2edge.runtime.server import default_allowed_hosts, is_loopback
+from lfm2edge.runtime.frontends.server import default_allowed_hosts, is_loopback
+from lfm2edge.runtime.storage.index import Index
 
 SAMPLE = load_sample_texts()
 DOCS = [d["text"] for d in SAMPLE["documents"]]
@@ -689,7 +689,7 @@ def test_sigterm_under_load(colbert_gguf, tmp_path):
 
 
 def test_batcher_interleaves_cancels_and_stops(colbert_encoder):
-    from lfm2edge.runtime.batcher import Batcher, ServerClosingError, WorkCancelledError
+    from lfm2edge.runtime.frontends.batcher import Batcher, ServerClosingError, WorkCancelledError
 
     batcher = Batcher(colbert_encoder, max_texts=64, max_tokens=4096)
     try:

@@ -1,4 +1,4 @@
-"""lfm2edge.runtime.index: round trips, exactness against brute force, crash safety, refusals, fidelity.
+"""lfm2edge.runtime.storage.index: round trips, exactness against brute force, crash safety, refusals, fidelity.
 
 Encoders run on one thread: the tests share two cores with whatever else runs, and llama.cpp's
 spinning worker threads slow down badly when cores are oversubscribed.
@@ -22,8 +22,9 @@ import pytest
 
 import lfm2edge
 from lfm2edge.convert.synthetic import load_sample_texts
-from lfm2edge.runtime.errors import InvalidInputError
-from lfm2edge.runtime.index import (
+from lfm2edge.runtime.core.errors import InvalidInputError
+from lfm2edge.runtime.core.maxsim import maxsim
+from lfm2edge.runtime.storage.index import (
     MAX_SEGMENTS,
     DuplicateIdError,
     Index,
@@ -32,7 +33,6 @@ from lfm2edge.runtime.index import (
     pool_tokens,
     quantize_int8,
 )
-from lfm2edge.runtime.maxsim import maxsim
 
 SAMPLE = load_sample_texts()
 DOCS = [d["text"] for d in SAMPLE["documents"]]
@@ -292,8 +292,8 @@ CHILD = textwrap.dedent(
     """
     import json, os, signal, sys
     import lfm2edge
-    from lfm2edge.runtime import index_storage
-    from lfm2edge.runtime.index import Index
+    from lfm2edge.runtime.storage import index_storage
+    from lfm2edge.runtime.storage.index import Index
 
     path, model, mode, first = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     docs = json.loads(sys.stdin.read())

@@ -1,4 +1,4 @@
-"""The MaxSim kernel (runtime/_maxsim.c) against PyLate's scoring, path by path."""
+"""The MaxSim kernel (runtime/core/_maxsim.c) against PyLate's scoring, path by path."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import platform
 import numpy as np
 import pytest
 
-import lfm2edge.runtime.maxsim as m
+import lfm2edge.runtime.core.maxsim as m
 from lfm2edge.convert.reference import pylate_maxsim
-from lfm2edge.runtime.errors import InvalidInputError
-from lfm2edge.runtime.maxsim import PackedDocuments, maxsim
+from lfm2edge.runtime.core.errors import InvalidInputError
+from lfm2edge.runtime.core.maxsim import PackedDocuments, maxsim
 
 
 def _cpu_flags() -> set[str]:

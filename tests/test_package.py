@@ -49,13 +49,34 @@ def test_unknown_names_are_attribute_errors():
 @pytest.mark.parametrize(
     ("module", "must_not_load"),
     [
-        ("lfm2edge", ("torch", "typer", "lfm2edge.runtime.encoders", "lfm2edge.convert")),
-        ("lfm2edge.runtime.search_cli", ("lfm2edge.cli",)),  # the root app imports the search commands
-        ("lfm2edge.runtime.index", ("lfm2edge.runtime.encoders", "lfm2edge.runtime.llama")),
-        ("lfm2edge.convert.quantize", ("lfm2edge.runtime.llama",)),  # the backend is initialised when used
-        ("lfm2edge.runtime.encoders", ("lfm2edge.runtime.index", "lfm2edge.runtime.vector_codecs", "torch")),
+        ("lfm2edge", ("torch", "typer", "lfm2edge.runtime.core.encoders", "lfm2edge.convert")),
+        ("lfm2edge.runtime.frontends.search_cli", ("lfm2edge.cli",)),  # the root app imports the search commands
+        ("lfm2edge.runtime.storage.index", ("lfm2edge.runtime.core.encoders", "lfm2edge.runtime.core.llama")),
+        ("lfm2edge.convert.quantize", ("lfm2edge.runtime.core.llama",)),  # the backend is initialised when used
+        ("lfm2edge.runtime.core.encoders", ("lfm2edge.runtime.storage.index", "lfm2edge.runtime.storage.vector_codecs", "torch")),
     ],
 )
 def test_imports_only_go_down(module, must_not_load):
     loaded = _child(f"import sys, {module}; print([m for m in {must_not_load!r} if m in sys.modules])")
     assert loaded == "[]"
+
+
+LAYERS = {"core": ("storage", "frontends"), "storage": ("frontends",)}
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_each_runtime_layer_imports_only_the_layers_below(layer):
+    """core imports neither storage nor front-ends; storage imports no front-end."""
+    import pkgutil
+
+    package = __import__(f"lfm2edge.runtime.{layer}", fromlist=["_"])
+    modules = [f"lfm2edge.runtime.{layer}.{m.name}" for m in pkgutil.iter_modules(package.__path__)
+               if not m.name.startswith("_")]
+    assert modules, layer
+    above = tuple(f"lfm2edge.runtime.{u}" for u in LAYERS[layer])
+    loaded = _child(
+        f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+        f"print(sorted(m for m in sys.modules if m.startswith({above!r})))"
+    )
+    assert loaded == "[]", loaded
+

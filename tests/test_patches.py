@@ -105,7 +105,7 @@ def test_models_run_on_amx(outtype, bidirectional, tmp_path):
 
     from lfm2edge.convert.pipeline import convert
     from lfm2edge.convert.synthetic import TINY, make_checkpoint
-    from lfm2edge.runtime.build import build_info
+    from lfm2edge.runtime.core.build import build_info
 
     info = build_info()
     if not info.amx:

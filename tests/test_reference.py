@@ -22,8 +22,8 @@ from lfm2edge.convert.reference import (
     pylate_maxsim,
 )
 from lfm2edge.convert.synthetic import make_checkpoint
-from lfm2edge.runtime.errors import InvalidInputError
-from lfm2edge.runtime.settings import ModelKind, colbert_defaults
+from lfm2edge.runtime.core.errors import InvalidInputError
+from lfm2edge.runtime.core.settings import ModelKind, colbert_defaults
 
 # --- fixtures ----------------------------------------------------------------------------------------
 

@@ -10,8 +10,8 @@ import pytest
 import lfm2edge
 from lfm2edge.convert.reference import pylate_maxsim
 from lfm2edge.convert.verify import row_cosines
-from lfm2edge.runtime.errors import FeatureUnavailableError, InvalidInputError
-from lfm2edge.runtime.maxsim import PackedDocuments, maxsim
+from lfm2edge.runtime.core.errors import FeatureUnavailableError, InvalidInputError
+from lfm2edge.runtime.core.maxsim import PackedDocuments, maxsim
 
 from .patch_support import require_patch
 
@@ -256,7 +256,7 @@ def test_maxsim_equals_pylate_for_float32_and_float16():
 
 
 def test_maxsim_blocks_cover_every_document(monkeypatch):
-    import lfm2edge.runtime.maxsim as m
+    import lfm2edge.runtime.core.maxsim as m
 
     monkeypatch.setattr(m, "BLOCK_TOKENS", 7)  # forces many blocks, some smaller than a document
     rng = np.random.default_rng(1)

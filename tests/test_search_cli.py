@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 import lfm2edge
 from lfm2edge.cli import exit_code
 from lfm2edge.convert.synthetic import load_sample_texts
-from lfm2edge.runtime.errors import Lfm2EdgeError
-from lfm2edge.runtime.index import IndexCorruptError
-from lfm2edge.runtime.search_cli import register
+from lfm2edge.runtime.core.errors import Lfm2EdgeError
+from lfm2edge.runtime.frontends.search_cli import register
+from lfm2edge.runtime.storage.index import IndexCorruptError
 
 SAMPLE = load_sample_texts()
 DOCS = [d["text"] for d in SAMPLE["documents"]]
@@ -295,7 +295,7 @@ def test_example_search_folder(colbert_gguf, tmp_path):
 def test_entry_point_exit_codes(tmp_path):
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "lfm2edge.runtime.search_cli", *map(str, args)],
+            [sys.executable, "-m", "lfm2edge.runtime.frontends.search_cli", *map(str, args)],
             capture_output=True,
             text=True,
             timeout=60,

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from lfm2edge.convert.synthetic import load_sample_texts
-from lfm2edge.runtime.index import Index
-from lfm2edge.runtime.maxsim import maxsim
-from lfm2edge.runtime.server import Batcher, relevance_scores
+from lfm2edge.runtime.core.maxsim import maxsim
+from lfm2edge.runtime.frontends.server import Batcher, relevance_scores
+from lfm2edge.runtime.storage.index import Index
 
 SAMPLE = load_sample_texts()
 DOCS = [d["text"] for d in SAMPLE["documents"]]

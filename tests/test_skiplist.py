@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import lfm2edge
-from lfm2edge.runtime.model_file import describe
-from lfm2edge.runtime.settings import default_skiplist_ids, skiplist_ids_from_vocabulary
+from lfm2edge.runtime.core.model_file import describe
+from lfm2edge.runtime.core.settings import default_skiplist_ids, skiplist_ids_from_vocabulary
 
 PER_TOKEN_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 

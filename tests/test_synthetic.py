@@ -32,7 +32,7 @@ from lfm2edge.convert.synthetic import (
     load_sample_texts,
     make_checkpoint,
 )
-from lfm2edge.runtime.vocabulary import bytes_to_unicode
+from lfm2edge.runtime.core.vocabulary import bytes_to_unicode
 
 LANGUAGES = ("ar", "de", "en", "es", "fr", "it", "ja", "ko", "no", "pt", "sv")
 CHECKPOINTS = ("colbert_checkpoint", "embedding_checkpoint", "causal_colbert_checkpoint")

@@ -1,12 +1,12 @@
-"""lfm2edge.runtime.vector_codecs: token pooling, with scipy's Ward linkage or the numpy fallback."""
+"""lfm2edge.runtime.storage.vector_codecs: token pooling, with scipy's Ward linkage or the numpy fallback."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from lfm2edge.runtime import vector_codecs
-from lfm2edge.runtime.vector_codecs import pool_tokens, ward_labels, ward_labels_numpy
+from lfm2edge.runtime.storage import vector_codecs
+from lfm2edge.runtime.storage.vector_codecs import pool_tokens, ward_labels, ward_labels_numpy
 
 
 def _partition(labels: np.ndarray) -> list[int]:

@@ -1,4 +1,4 @@
-"""Token ids read back as text (runtime/vocabulary.py), checked against llama.cpp's own tokenizer."""
+"""Token ids read back as text (runtime/core/vocabulary.py), checked against llama.cpp's own tokenizer."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from tokenizers.pre_tokenizers import ByteLevel
 
 from lfm2edge.convert.synthetic import load_sample_texts
-from lfm2edge.runtime.errors import InvalidInputError
-from lfm2edge.runtime.vocabulary import Vocabulary, bytes_to_unicode
+from lfm2edge.runtime.core.errors import InvalidInputError
+from lfm2edge.runtime.core.vocabulary import Vocabulary, bytes_to_unicode
 
 SAMPLE = load_sample_texts()
 TEXTS = [d["text"] for d in SAMPLE["documents"]] + [q["text"] for q in SAMPLE["queries"]]

@@ -18,8 +18,8 @@ from functools import cache
 
 import numpy as np
 
-from lfm2edge.runtime.errors import InvalidInputError
-from lfm2edge.runtime.gguf_file import GGUFHeader
+from lfm2edge.runtime.core.errors import InvalidInputError
+from lfm2edge.runtime.core.gguf_file import GGUFHeader
 
 # gguf's TokenType values (tokenizer.ggml.token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lfm2edge.runtime.errors import InvalidInputError
+from lfm2edge.runtime.core.errors import InvalidInputError
 
 
 def check_text(text: object, where: str) -> str:

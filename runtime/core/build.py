@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lfm2edge.runtime.errors import UnsupportedBuildError
+from lfm2edge.runtime.core.errors import UnsupportedBuildError
 
 PINNED_BINDING = "0.3.36"
 FIRST_SUPPORTED_BINDING = (0, 3, 32)

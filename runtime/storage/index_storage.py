@@ -1,6 +1,6 @@
 """How an index lives on disk: segment folders, the manifest, durable writes, the writer lock.
 
-``lfm2edge.runtime.index.Index`` decides what to commit; this module writes, opens, checks and
+``lfm2edge.runtime.storage.index.Index`` decides what to commit; this module writes, opens, checks and
 cleans up the files. Folder layout (format version 1)::
 
     INDEX/
@@ -47,8 +47,8 @@ from typing import Any, TypeVar
 import numpy as np
 from filelock import FileLock
 
-from lfm2edge.runtime.errors import Lfm2EdgeError
-from lfm2edge.runtime.settings import ModelKind
+from lfm2edge.runtime.core.errors import Lfm2EdgeError
+from lfm2edge.runtime.core.settings import ModelKind
 
 FORMAT = "lfm2edge-index"
 FORMAT_VERSION = 1

@@ -33,13 +33,13 @@ busy or shutting down. Every limit (``ServerLimits``) is named in its error. A 5
 the server log has the details.
 
 Hardening (each part says why where it is):
-- Work: the micro-batcher (runtime/batcher.py) is the only thread that calls the encoder. It fills
+- Work: the micro-batcher (runtime/frontends/batcher.py) is the only thread that calls the encoder. It fills
   each decode round-robin from the waiting requests, so a small request waits behind at most one
   batch of a large one, and it drops the queued texts of a client that disconnected.
 - Shutdown (``serve``): on SIGINT or SIGTERM uvicorn stops accepting, lets requests finish for
   ``shutdown_timeout_s``, then cancels them; the batcher fails what still waits, finishes the batch
   in progress and stops; only then is the model freed.
-- Connections (runtime/http_protocol.py): request headers must arrive within ``header_timeout_s``
+- Connections (runtime/frontends/http_protocol.py): request headers must arrive within ``header_timeout_s``
   and bodies within ``body_timeout_s``; idle connections never lock out a client with work.
 - Access: bound to loopback (127.0.0.0/8, ::1) it answers only Host names on its allow-list
   (DNS-rebinding protection); bound to anything else it also needs an API key
@@ -76,7 +76,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from lfm2edge.runtime.batcher import (
+from lfm2edge.runtime.core.errors import EncoderClosedError, InvalidInputError, Lfm2EdgeError
+from lfm2edge.runtime.core.maxsim import maxsim
+from lfm2edge.runtime.core.settings import ModelKind
+from lfm2edge.runtime.core.text import check_text
+from lfm2edge.runtime.core.vocabulary import Vocabulary
+from lfm2edge.runtime.frontends.batcher import (
     BatchedEncoder,
     Batcher,
     ServerClosingError,
@@ -84,12 +89,7 @@ from lfm2edge.runtime.batcher import (
     WorkCancelledError,
     WorkScope,
 )
-from lfm2edge.runtime.errors import EncoderClosedError, InvalidInputError, Lfm2EdgeError
-from lfm2edge.runtime.index import DuplicateIdError, Index, IndexCorruptError, model_identity
-from lfm2edge.runtime.maxsim import maxsim
-from lfm2edge.runtime.settings import ModelKind
-from lfm2edge.runtime.text import check_text
-from lfm2edge.runtime.vocabulary import Vocabulary
+from lfm2edge.runtime.storage.index import DuplicateIdError, Index, IndexCorruptError, model_identity
 
 __all__ = ["Batcher", "ServerLimits", "create_app", "is_loopback", "relevance_scores", "serve"]
 
@@ -227,7 +227,7 @@ def _embedding_texts(
     value: str | list[str] | list[int] | list[list[int]], limit: int, vocabulary: Vocabulary, length: int
 ) -> list[str]:
     """The texts of an OpenAI ``input``: texts as sent, token ids as the text they spell in this model's
-    vocabulary (runtime/vocabulary.py), so either form is then encoded the same way.
+    vocabulary (runtime/core/vocabulary.py), so either form is then encoded the same way.
 
     Of each id list only the first ``2 * length`` ids are read back (all are checked): the model keeps
     ``length`` tokens, and the margin keeps the re-tokenized text's first ``length`` tokens exact.
@@ -888,8 +888,8 @@ def serve(
     """
     import uvicorn
 
-    from lfm2edge.runtime.encoders import load
-    from lfm2edge.runtime.http_protocol import guarded_protocol, listen, raise_open_files_limit
+    from lfm2edge.runtime.core.encoders import load
+    from lfm2edge.runtime.frontends.http_protocol import guarded_protocol, listen, raise_open_files_limit
 
     key = check_api_key(host, api_key)
     sock = listen(host, port)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lfm2edge.runtime.errors import ModelFileError
+from lfm2edge.runtime.core.errors import ModelFileError
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

@@ -22,9 +22,9 @@ from typing import IO, Annotated, Any
 import numpy as np
 import typer
 
-from lfm2edge.runtime.cli_options import JsonFlag, Threads
-from lfm2edge.runtime.errors import InvalidInputError
-from lfm2edge.runtime.text import check_text
+from lfm2edge.runtime.core.errors import InvalidInputError
+from lfm2edge.runtime.core.text import check_text
+from lfm2edge.runtime.frontends.cli_options import JsonFlag, Threads
 
 InputFormat = Annotated[
     str,
@@ -103,14 +103,14 @@ def _show_progress() -> bool:
 
 
 def _load(model: Path, threads: int | None):
-    from lfm2edge.runtime.encoders import load
+    from lfm2edge.runtime.core.encoders import load
 
     return load(model, n_threads=threads)
 
 
 def _open_index(path: Path, model: Path | None, threads: int | None):
     """The index and an encoder for it: ``model``, or the GGUF the index was created from."""
-    from lfm2edge.runtime.index import Index
+    from lfm2edge.runtime.storage.index import Index
 
     index = Index.open(path)
     if model is None:
@@ -277,7 +277,7 @@ def index_create(
     as_json: JsonFlag = False,
 ) -> None:
     """Create an empty index for a model in a new (or empty) folder."""
-    from lfm2edge.runtime.index import Index
+    from lfm2edge.runtime.storage.index import Index
 
     _check_new_folder(path)
     with _load(model, threads) as encoder:
@@ -355,7 +355,7 @@ def index_delete(
     as_json: JsonFlag = False,
 ) -> None:
     """Delete documents by id, in one commit (no model needed)."""
-    from lfm2edge.runtime.index import Index
+    from lfm2edge.runtime.storage.index import Index
 
     wanted = list(ids or [])
     if ids_from is not None:
@@ -382,7 +382,7 @@ def index_info(
     as_json: JsonFlag = False,
 ) -> None:
     """Show what an index holds; with --verify, check every file's checksum (exit 1 on a mismatch)."""
-    from lfm2edge.runtime.index import Index, IndexCorruptError
+    from lfm2edge.runtime.storage.index import Index, IndexCorruptError
 
     index = Index.open(path)
     info = index.info()
@@ -400,7 +400,7 @@ def index_info(
 
 def index_compact(path: IndexDir, as_json: JsonFlag = False) -> None:
     """Rewrite the live documents into one segment, reclaiming the space of deleted ones."""
-    from lfm2edge.runtime.index import Index
+    from lfm2edge.runtime.storage.index import Index
 
     index = Index.open(path)
     index.compact()
@@ -541,8 +541,8 @@ def serve(
     Stops on SIGINT or SIGTERM: requests get --shutdown-timeout seconds to finish, then are cancelled,
     and the model is freed only once no decode runs (exit status 0).
     """
-    from lfm2edge.runtime.server import ServerLimits, check_api_key, is_loopback
-    from lfm2edge.runtime.server import serve as run_server
+    from lfm2edge.runtime.frontends.server import ServerLimits, check_api_key, is_loopback
+    from lfm2edge.runtime.frontends.server import serve as run_server
 
     for name, value in (
         ("--max-body-bytes", max_body_bytes),
@@ -631,7 +631,7 @@ def register(app: typer.Typer) -> None:
 
 
 if __name__ == "__main__":
-    # `python -m lfm2edge.runtime.search_cli` is `python -m lfm2edge`. Only this script entry reaches up to
+    # `python -m lfm2edge.runtime.frontends.search_cli` is `python -m lfm2edge`. Only this script entry reaches up to
     # the root app (this file then runs as __main__): importing the module never imports lfm2edge.cli.
     from lfm2edge.cli import main
 

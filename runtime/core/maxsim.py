@@ -25,11 +25,11 @@ from typing import Literal
 
 import numpy as np
 
-from lfm2edge.runtime.cpu import ThreadPolicy, default_threads
-from lfm2edge.runtime.errors import InvalidInputError
+from lfm2edge.runtime.core.cpu import ThreadPolicy, default_threads
+from lfm2edge.runtime.core.errors import InvalidInputError
 
 try:
-    from lfm2edge.runtime import _maxsim
+    from lfm2edge.runtime.core import _maxsim
 except ImportError:  # built without a C compiler, or not built yet: numpy does the work
     _maxsim = None
 

@@ -26,20 +26,20 @@ from typing import Literal
 
 import numpy as np
 
-from lfm2edge.runtime.build import BuildInfo, check_build
-from lfm2edge.runtime.cpu import ThreadPolicy, default_threads
-from lfm2edge.runtime.errors import (
+from lfm2edge.runtime.core.build import BuildInfo, check_build
+from lfm2edge.runtime.core.cpu import ThreadPolicy, default_threads
+from lfm2edge.runtime.core.errors import (
     EncoderClosedError,
     FeatureUnavailableError,
     InvalidInputError,
     ModelFileError,
 )
-from lfm2edge.runtime.llama import EmbeddingContext, LlamaModel, supports_key_mask
-from lfm2edge.runtime.maxsim import PackedDocuments, maxsim, normalize_rows
-from lfm2edge.runtime.model_file import ModelFile, describe
-from lfm2edge.runtime.progress import progress_bar
-from lfm2edge.runtime.settings import ModelKind, RetrievalSettings
-from lfm2edge.runtime.text import check_text, check_texts
+from lfm2edge.runtime.core.llama import EmbeddingContext, LlamaModel, supports_key_mask
+from lfm2edge.runtime.core.maxsim import PackedDocuments, maxsim, normalize_rows
+from lfm2edge.runtime.core.model_file import ModelFile, describe
+from lfm2edge.runtime.core.progress import progress_bar
+from lfm2edge.runtime.core.settings import ModelKind, RetrievalSettings
+from lfm2edge.runtime.core.text import check_text, check_texts
 
 QueryExpansion = Literal["pylate", "attended", "none"]
 QUERY_EXPANSION_MODES: tuple[str, ...] = ("pylate", "attended", "none")
@@ -385,7 +385,7 @@ def load(
     None: every CPU this process may use); ``max_batch_tokens``, the most tokens one decode holds,
     is 1 to 32768 and raised to the model's longest sequence. ``adaptive_threads`` (default)
     runs each decode on the cores other processes leave free, up to ``n_threads``
-    (``lfm2edge.runtime.cpu``): on a busy machine that is faster than fighting for the busy core;
+    (``lfm2edge.runtime.core.cpu``): on a busy machine that is faster than fighting for the busy core;
     False always uses ``n_threads``.
     """
     if n_threads is not None:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lfm2edge.runtime.architecture import GGUF_ARCH, Pooling, pooling_name
-from lfm2edge.runtime.gguf_file import GGUFHeader, GGUFType
+from lfm2edge.runtime.core.architecture import GGUF_ARCH, Pooling, pooling_name
+from lfm2edge.runtime.core.gguf_file import GGUFHeader, GGUFType
 
 REMEDY = "re-convert the checkpoint with `lfm2edge convert`"
 ARCH = GGUF_ARCH

@@ -10,14 +10,14 @@ index opens instantly and only the pages a search touches are read.
 
 An index is a folder: immutable segment folders plus ``manifest.json``, which names the model, the
 storage settings and each committed segment with its checksums and deleted rows. The folder layout
-and the commit protocol are documented in ``lfm2edge.runtime.index_storage``, which reads and writes
-those files; ``lfm2edge.runtime.vector_codecs`` holds the token pooling and int8 quantization. A
+and the commit protocol are documented in ``lfm2edge.runtime.storage.index_storage``, which reads and writes
+those files; ``lfm2edge.runtime.storage.vector_codecs`` holds the token pooling and int8 quantization. A
 commit is one manifest replacement, so every add batch, delete and merge is all-or-nothing.
 Once there are more than 16 segments the 8 smallest are merged into one; ``compact()`` merges
 all of them and drops deleted documents for good.
 
 Every input is checked before anything is encoded or written: texts and ids are valid Unicode
-(``lfm2edge.runtime.text``), ids at most MAX_ID_CHARS long, metadata at most MAX_METADATA_DEPTH
+(``lfm2edge.runtime.core.text``), ids at most MAX_ID_CHARS long, metadata at most MAX_METADATA_DEPTH
 deep and MAX_METADATA_BYTES of JSON per document (``check_metadata``; the server passes its own
 limits). A damaged folder is an ``IndexCorruptError`` from open, search or ``verify()``, never a
 crash; an index whose encoder was closed raises ``EncoderClosedError``.
@@ -39,8 +39,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lfm2edge.runtime.errors import EncoderClosedError, InvalidInputError
-from lfm2edge.runtime.index_storage import (
+from lfm2edge.runtime.core.errors import EncoderClosedError, InvalidInputError
+from lfm2edge.runtime.core.maxsim import PackedDocuments, kernel_path, maxsim, maxsim_blocked, normalize_rows
+from lfm2edge.runtime.core.progress import progress_bar
+from lfm2edge.runtime.core.settings import ModelKind
+from lfm2edge.runtime.core.text import check_text, check_texts
+from lfm2edge.runtime.storage.index_storage import (
     DTYPES,
     FORMAT,
     FORMAT_VERSION,
@@ -62,14 +66,10 @@ from lfm2edge.runtime.index_storage import (
     write_segment,
     writer_lock,
 )
-from lfm2edge.runtime.index_storage import (
+from lfm2edge.runtime.storage.index_storage import (
     IndexCorruptError as IndexCorruptError,  # re-exported: defined with the storage layer
 )
-from lfm2edge.runtime.maxsim import PackedDocuments, kernel_path, maxsim, maxsim_blocked, normalize_rows
-from lfm2edge.runtime.progress import progress_bar
-from lfm2edge.runtime.settings import ModelKind
-from lfm2edge.runtime.text import check_text, check_texts
-from lfm2edge.runtime.vector_codecs import pool_tokens, quantize_int8
+from lfm2edge.runtime.storage.vector_codecs import pool_tokens, quantize_int8
 
 OnDuplicate = Literal["error", "skip", "replace"]
 ON_DUPLICATE: tuple[str, ...] = ("error", "skip", "replace")

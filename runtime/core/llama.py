@@ -28,8 +28,8 @@ from pathlib import Path
 import llama_cpp as ll
 import numpy as np
 
-from lfm2edge.runtime.build import build_info
-from lfm2edge.runtime.errors import (
+from lfm2edge.runtime.core.build import build_info
+from lfm2edge.runtime.core.errors import (
     DecodeError,
     EncoderClosedError,
     FeatureUnavailableError,

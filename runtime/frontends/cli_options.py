@@ -1,6 +1,6 @@
 """The options every ``lfm2edge`` command spells the same way, defined once.
 
-Each command module (convert/cli.py, runtime/cli.py, runtime/search_cli.py, bench/cli.py) takes
+Each command module (convert/cli.py, runtime/frontends/cli.py, runtime/frontends/search_cli.py, bench/cli.py) takes
 ``--json`` and ``--threads`` from here, so their names, short forms and help never drift apart.
 """
 

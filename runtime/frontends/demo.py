@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from lfm2edge.runtime.errors import CheckpointError, Lfm2EdgeError
+from lfm2edge.runtime.core.errors import CheckpointError, Lfm2EdgeError
 
 DEFAULT_MODEL = "LiquidAI/LFM2.5-ColBERT-350M"
 # The random stand-in's shape: "full" is the real 350M model (real latency); "tiny" runs in seconds (tests).
@@ -102,7 +102,7 @@ def run(
     stand_in: StandInShape = "full",
 ) -> None:
     import lfm2edge
-    from lfm2edge.runtime.build import build_info
+    from lfm2edge.runtime.core.build import build_info
 
     outtype = outtype or build_info().fastest_type()
 
@@ -117,7 +117,7 @@ def run(
     t0 = time.perf_counter()
     docs = enc.encode_document(texts, batch_size=16, show_progress_bar=True)
     print(f"indexed {len(texts)} FAQ entries in {time.perf_counter() - t0:.1f} s")
-    from lfm2edge.runtime.maxsim import PackedDocuments
+    from lfm2edge.runtime.core.maxsim import PackedDocuments
 
     packed = PackedDocuments.pack(docs, "float16") if enc.kind.value == "late_interaction" else docs
     enc.encode_query("warm-up")

@@ -1,7 +1,7 @@
 """Pure array transforms applied to document vectors before they are stored in an index.
 
 ``pool_tokens`` shrinks a ColBERT document's token vectors and ``quantize_int8`` encodes rows as int8
-with one float32 scale each. Neither touches the disk; ``lfm2edge.runtime.index_storage`` writes what
+with one float32 scale each. Neither touches the disk; ``lfm2edge.runtime.storage.index_storage`` writes what
 they return.
 """
 

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lfm2edge.runtime.errors import ModelFileError
-from lfm2edge.runtime.gguf_file import GGUFType
+from lfm2edge.runtime.core.errors import ModelFileError
+from lfm2edge.runtime.core.gguf_file import GGUFType
 
 NAMESPACE = "lfm2edge."
 SETTINGS_VERSION = 1

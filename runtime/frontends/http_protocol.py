@@ -15,7 +15,7 @@ import socket
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from lfm2edge.runtime.errors import InvalidInputError
+from lfm2edge.runtime.core.errors import InvalidInputError
 
 
 def guarded_protocol(header_timeout: float, max_connections: int) -> type[H11Protocol]:

@@ -8,15 +8,15 @@ from typing import Annotated
 
 import typer
 
-from lfm2edge.runtime.cli_options import JsonFlag
-from lfm2edge.runtime.errors import ModelFileError
+from lfm2edge.runtime.core.errors import ModelFileError
+from lfm2edge.runtime.frontends.cli_options import JsonFlag
 
 GgufPath = Annotated[Path, typer.Argument(help="a GGUF file", show_default=False)]
 
 
 def info(as_json: JsonFlag = False) -> None:
     """Show the llama.cpp build the runtime uses: version, commit, lfm2edge patches, compiled ISA."""
-    from lfm2edge.runtime.build import check_build
+    from lfm2edge.runtime.core.build import check_build
 
     b = check_build()
     if as_json:
@@ -30,8 +30,8 @@ def info(as_json: JsonFlag = False) -> None:
 
 def inspect_report(path: Path) -> dict:
     """Everything ``inspect`` prints, as a dict."""
-    from lfm2edge.runtime.architecture import pooling_name
-    from lfm2edge.runtime.model_file import describe
+    from lfm2edge.runtime.core.architecture import pooling_name
+    from lfm2edge.runtime.core.model_file import describe
 
     mf = describe(path)
     h = mf.header

@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lfm2edge.runtime.errors import Lfm2EdgeError
-from lfm2edge.runtime.settings import ModelKind
+from lfm2edge.runtime.core.errors import Lfm2EdgeError
+from lfm2edge.runtime.core.settings import ModelKind
 
 Side = Literal["query", "document"]
 

@@ -13,11 +13,11 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lfm2edge.runtime import llama_keys
-from lfm2edge.runtime.architecture import BIDIRECTIONAL_ARCH, GGUF_ARCH, Pooling, pooling_name
-from lfm2edge.runtime.errors import ModelFileError
-from lfm2edge.runtime.gguf_file import GGUFHeader, GGUFType, read_header
-from lfm2edge.runtime.settings import (
+from lfm2edge.runtime.core import llama_keys
+from lfm2edge.runtime.core.architecture import BIDIRECTIONAL_ARCH, GGUF_ARCH, Pooling, pooling_name
+from lfm2edge.runtime.core.errors import ModelFileError
+from lfm2edge.runtime.core.gguf_file import GGUFHeader, GGUFType, read_header
+from lfm2edge.runtime.core.settings import (
     Key,
     ModelKind,
     RetrievalSettings,

@@ -1,0 +1,1 @@
+"""The core: load a GGUF, encode, score (numpy and llama.cpp only)."""

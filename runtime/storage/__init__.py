@@ -1,0 +1,1 @@
+"""Storage: the persistent index over the core's vectors."""
