@@ -49,9 +49,9 @@ def _worker(config: SideConfig, conn) -> None:
     """One side's process: load, answer "ready", then time each text it is sent."""
     os.environ.update(_side_env(config.name))
     if config.name == "openvino":
-        from lfm2edge.bench.peer_side import GraphEngine, _openvino
+        from lfm2edge.bench.peer_side import GraphEngine, openvino_graph
 
-        run_graph, _ = _openvino(Path(config.openvino), "default", config.threads)
+        run_graph, _ = openvino_graph(Path(config.openvino), "default", config.threads)
         engine = GraphEngine(Path(config.checkpoint), run_graph, "pylate")
 
         def encode(kind: str, text: str) -> None:

@@ -240,7 +240,7 @@ class GraphEngine:
         return np.argsort(-scores, kind="stable")[:top_k]
 
 
-def _onnxruntime(graph: Path, threads: int):
+def onnxruntime_graph(graph: Path, threads: int):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -255,7 +255,7 @@ def _onnxruntime(graph: Path, threads: int):
     return run, {"onnxruntime_version": ort.__version__}
 
 
-def _openvino(graph: Path, fmt: str, threads: int):
+def openvino_graph(graph: Path, fmt: str, threads: int):
     import openvino as ov
     import openvino.properties as props
     import openvino.properties.hint as hints
@@ -282,9 +282,9 @@ def run(spec: SideSpec, progress: Progress) -> SideOutput:
     graph = Path(spec.path)
     t0 = time.perf_counter()
     if spec.engine == ENGINE_ONNXRUNTIME:
-        run_graph, details = _onnxruntime(graph, spec.threads)
+        run_graph, details = onnxruntime_graph(graph, spec.threads)
     else:
-        run_graph, details = _openvino(graph, spec.format, spec.threads)
+        run_graph, details = openvino_graph(graph, spec.format, spec.threads)
     assert spec.checkpoint is not None
     engine = GraphEngine(Path(spec.checkpoint), run_graph, spec.query_expansion)
     load_s = time.perf_counter() - t0

@@ -271,3 +271,16 @@ def test_amx_off_sides_by_default_only_where_amx_runs(monkeypatch):
     assert formats(True, amx=False) == plain + [("f16 no extra bufts", False), ("q8_0 no extra bufts", False)]
     assert formats(True, amx=True) == plain + [("f16 AMX off", False), ("q8_0 AMX off", False)]
     assert formats(False, amx=True) == plain
+
+
+def test_contention_interleaves_sides_quiet_and_busy(colbert_gguf):
+    """bench.contention: each side answers every round of every phase, and the busy phases see the other load."""
+    from lfm2edge.bench.contention import SideConfig, run
+
+    configs = [SideConfig(name, str(colbert_gguf), 2) for name in ("adaptive", "one")]
+    result = run(configs, rounds=3, doc_rounds=1, gap_s=0.01, seed=0)
+    assert set(result["sides"]) == {"adaptive", "one"}
+    for phases in result["sides"].values():
+        assert {p: s["n"] for p, s in phases.items()} == {
+            "query quiet": 3, "query busy": 3, "document quiet": 1, "document busy": 1}
+    assert result["other_cpu_share"]["query busy"] > 0.2  # the competing process ran
