@@ -9,8 +9,9 @@
 
 The package root is thin: the work lives in the subpackages ``lfm2edge.convert`` (checkpoint to
 GGUF), ``lfm2edge.runtime`` (encoders, MaxSim, the index) and ``lfm2edge.bench`` — the folders
-convert/, runtime/ and bench/. Each name means one thing: ``lfm2edge.convert`` is always the
-subpackage, the function is ``lfm2edge.convert_checkpoint``. Names are imported lazily so
+convert/, runtime/ and bench/ — and ``lfm2edge.distributed``, the public face of
+``lfm2edge.runtime.distributed`` (encoding on a Ray cluster). Each name means one thing:
+``lfm2edge.convert`` is always the subpackage, the function is ``lfm2edge.convert_checkpoint``. Names are imported lazily so
 ``import lfm2edge`` stays cheap.
 """
 
@@ -43,10 +44,12 @@ _EXPORTS: dict[str, tuple[str, str]] = {
         "lfm2edge.runtime.storage.index": (
             "Index", "Hit", "IndexCorruptError", "IndexModelMismatchError", "DuplicateIdError",
         ),
+        "lfm2edge.runtime.storage.qdrant_index": ("QdrantIndex",),
+        "lfm2edge.runtime.storage.qdrant_engines": ("EngineError",),
     }.items()
     for name in names
 } | {"convert_checkpoint": ("lfm2edge.convert.pipeline", "convert")}
-_SUBPACKAGES = ("convert", "runtime", "bench")
+_SUBPACKAGES = ("convert", "runtime", "bench", "distributed")
 __all__ = sorted(_EXPORTS)
 
 

@@ -61,12 +61,17 @@ def test_imports_only_go_down(module, must_not_load):
     assert loaded == "[]"
 
 
-LAYERS = {"core": ("storage", "frontends"), "storage": ("frontends",)}
+LAYERS = {
+    "core": ("storage", "distributed", "frontends"),
+    "storage": ("distributed", "frontends"),
+    "distributed": ("frontends",),
+}
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 def test_each_runtime_layer_imports_only_the_layers_below(layer):
-    """core imports neither storage nor front-ends; storage imports no front-end."""
+    """core imports nothing above it; storage neither the distributed pipeline nor front-ends; the
+    distributed pipeline no front-end."""
     import pkgutil
 
     package = __import__(f"lfm2edge.runtime.{layer}", fromlist=["_"])

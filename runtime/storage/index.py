@@ -25,17 +25,14 @@ crash; an index whose encoder was closed raises ``EncoderClosedError``.
 
 from __future__ import annotations
 
-import json
 import secrets
 import threading
-import weakref
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -44,6 +41,27 @@ from lfm2edge.runtime.core.maxsim import PackedDocuments, kernel_path, maxsim, m
 from lfm2edge.runtime.core.progress import progress_bar
 from lfm2edge.runtime.core.settings import ModelKind
 from lfm2edge.runtime.core.text import check_text, check_texts
+
+# The documents' checks and types are shared by both engines; this module re-exports them (__all__).
+from lfm2edge.runtime.storage.documents import (
+    MAX_ID_CHARS,
+    MAX_METADATA_BYTES,
+    MAX_METADATA_DEPTH,
+    DuplicateIdError,
+    Hit,
+    IndexModelMismatchError,
+    IndexSettings,
+    StoredDocument,
+    check_id,
+    check_ids,
+    check_metadata,
+    check_open_encoder,
+    document_vectors,
+    model_identity,
+    query_array,
+    query_list,
+)
+from lfm2edge.runtime.storage.filters import Where, check_where, matches
 from lfm2edge.runtime.storage.index_storage import (
     DTYPES,
     FORMAT,
@@ -71,6 +89,16 @@ from lfm2edge.runtime.storage.index_storage import (
 )
 from lfm2edge.runtime.storage.vector_codecs import pool_tokens, quantize_int8
 
+__all__ = [
+    "Index", "Hit", "IndexSettings", "IndexCorruptError", "IndexModelMismatchError", "DuplicateIdError",
+    "MAX_ID_CHARS", "MAX_METADATA_BYTES", "MAX_METADATA_DEPTH", "check_ids", "check_metadata", "model_identity",
+]
+
+Backend = Literal["exact", "qdrant"]
+BACKENDS: tuple[str, ...] = ("exact", "qdrant")
+if TYPE_CHECKING:
+    from lfm2edge.runtime.storage.qdrant_index import QdrantIndex
+
 OnDuplicate = Literal["error", "skip", "replace"]
 ON_DUPLICATE: tuple[str, ...] = ("error", "skip", "replace")
 # Merge the MERGE_WIDTH smallest segments once there are more than MAX_SEGMENTS: a log-structured
@@ -79,163 +107,6 @@ MAX_SEGMENTS = 16
 MERGE_WIDTH = 8
 # Queries scored together: one pass over the stored vectors serves all of them.
 QUERY_GROUP = 16
-# Per-document limits. Metadata comes back with every hit, so it must stay small and shallow enough
-# for any JSON encoder (a server's default nesting limits are far below Python's): an app that
-# needs more stores it elsewhere and keeps a reference here. The server passes its own limits.
-MAX_METADATA_DEPTH = 32
-MAX_METADATA_BYTES = 64 * 1024
-MAX_ID_CHARS = 1024
-
-
-class IndexModelMismatchError(InvalidInputError):
-    """The index was built by another model; its vectors are meaningless to this one."""
-
-
-class DuplicateIdError(InvalidInputError):
-    """An id being added is already in the index (or repeated in the same call)."""
-
-
-@dataclass(frozen=True)
-class IndexSettings:
-    """What an index holds and how; fixed when it is created."""
-
-    identity: str  # the GGUF identity hash (tensors and retrieval settings)
-    kind: ModelKind
-    dim: int
-    dtype: str = "float16"  # "float16" | "int8"
-    pool_factor: int = 1  # ColBERT token pooling: keep about 1/pool_factor of each document's vectors
-    store_texts: bool = True
-    model_path: str = ""  # where the model was when the index was created: a hint, not checked
-
-
-@dataclass(frozen=True)
-class Hit:
-    id: str
-    score: float
-    text: str | None
-    metadata: Mapping[str, Any] | None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The model's identity and input checks
-# ----------------------------------------------------------------------------------------------------------
-
-
-_IDENTITIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def model_identity(encoder) -> str:
-    """The encoder's GGUF identity, hashed once per encoder (it reads the whole file)."""
-    if encoder not in _IDENTITIES:
-        _IDENTITIES[encoder] = encoder.model_file.header.identity()
-    return _IDENTITIES[encoder]
-
-
-def check_ids(ids: object, n: int) -> list[str]:
-    """The ids of ``n`` documents as a list, or InvalidInputError naming the first bad one."""
-    if isinstance(ids, str):
-        ids = [ids]
-    if isinstance(ids, (bytes, bytearray)) or not isinstance(ids, (Sequence, np.ndarray)):
-        raise InvalidInputError(f"ids must be a list of strings, not {type(ids).__name__}")
-    ids = list(ids)
-    if len(ids) != n:
-        raise InvalidInputError(f"got {n} texts but {len(ids)} ids; pass one id per text, or none")
-    for i, d in enumerate(ids):
-        _check_id(d, f"id {i}")
-    return ids
-
-
-def _check_id(doc_id: object, where: str) -> str:
-    check_text(doc_id, where)  # a str of valid Unicode (it is written to JSON and printed), not blank
-    if len(doc_id) > MAX_ID_CHARS:
-        raise InvalidInputError(
-            f"{where} has {len(doc_id)} characters; the id length limit is {MAX_ID_CHARS} (MAX_ID_CHARS): "
-            "use a shorter key"
-        )
-    return doc_id
-
-
-def check_metadata(
-    metadata: object, n: int, max_depth: int = MAX_METADATA_DEPTH, max_bytes: int = MAX_METADATA_BYTES
-) -> list[dict | None]:
-    """One metadata dict (or None) per document, or InvalidInputError naming the document and the limit.
-
-    Each must be JSON of valid Unicode, nested at most ``max_depth`` levels (``{"a": 1}`` is one) and at
-    most ``max_bytes`` bytes as UTF-8 JSON. Depth and size are measured before serialising, so a
-    deeply nested or huge value is refused without recursing into it or building its JSON.
-    """
-    if metadata is None:
-        return [None] * n
-    if isinstance(metadata, Mapping):
-        metadata = [metadata]
-    if (
-        isinstance(metadata, (str, bytes, bytearray))
-        or not isinstance(metadata, Sequence)
-        or len(metadata) != n
-    ):
-        raise InvalidInputError(f"metadata must be a list of {n} dicts (or None), one per text")
-    out: list[dict | None] = []
-    for i, m in enumerate(metadata):
-        if m is None:
-            out.append(None)
-            continue
-        if not isinstance(m, Mapping):
-            raise InvalidInputError(f"metadata {i} must be a dict or None, not {type(m).__name__}")
-        depth, nodes = _nesting(m, max_depth, max_bytes)
-        if depth > max_depth:
-            raise InvalidInputError(
-                f"metadata {i} is nested more than {max_depth} levels deep; the metadata depth limit is "
-                f"{max_depth}: flatten it"
-            )
-        if nodes > max_bytes:  # every value takes at least one byte of JSON
-            raise InvalidInputError(
-                f"metadata {i} holds more than {max_bytes} values; the metadata size limit is {max_bytes} "
-                "bytes of JSON per document: store large data elsewhere and keep a reference in metadata"
-            )
-        try:
-            data = json.dumps(m, ensure_ascii=False, allow_nan=False).encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InvalidInputError(
-                f"metadata {i} holds a string that is not valid Unicode (a lone surrogate at character "
-                f"{e.start} of its JSON); decode the source with errors='replace' or remove it"
-            ) from None
-        except (TypeError, ValueError, RecursionError) as e:
-            raise InvalidInputError(f"metadata {i} is not JSON-serialisable: {e}") from None
-        if len(data) > max_bytes:
-            raise InvalidInputError(
-                f"metadata {i} is {len(data)} bytes of JSON; the metadata size limit is {max_bytes} bytes "
-                "per document: store large data elsewhere and keep a reference in metadata"
-            )
-        out.append(dict(m))
-    return out
-
-
-def _nesting(value: object, max_depth: int, max_nodes: int) -> tuple[int, int]:
-    """(deepest dict/list level, values seen) of ``value``, walked without recursion; the walk stops as soon
-    as either passes its limit (so a cycle, or a huge value, costs no more than the limits)."""
-    deepest, nodes, stack = 0, 0, [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        nodes += 1
-        if isinstance(v, Mapping):
-            children = v.values()
-        elif isinstance(v, (list, tuple)):
-            children = v
-        else:
-            continue
-        deepest = max(deepest, depth)
-        if deepest > max_depth or nodes > max_nodes:
-            break
-        stack.extend((c, depth + 1) for c in children)
-    return deepest, nodes
-
-
-def _check_open_encoder(encoder) -> None:
-    if getattr(encoder, "closed", False):
-        raise EncoderClosedError(
-            f"the encoder of {getattr(encoder, 'path', 'this model')} was closed; open the index with a "
-            "loaded encoder: Index.open(path, lfm2edge.load(model_path))"
-        )
 
 
 def _same_files(seg: Segment, entry: Mapping[str, Any]) -> bool:
@@ -268,6 +139,7 @@ class Index:
         self._segments: tuple[Segment, ...] = ()
         self._where: dict[str, tuple[str, int]] = {}
         self._seen: tuple[int, int] | None = None  # the manifest file our state reflects (None: unknown)
+        self._metadata: dict[str, list] = {}  # segment name -> its documents' metadata, for filters
         self._closed = False
         check_manifest(path, manifest)
         self._install(manifest)
@@ -280,17 +152,37 @@ class Index:
         path: str | Path,
         encoder,
         *,
+        backend: Backend = "exact",
         dtype: str = "float16",
         pool_factor: int = 1,
         store_texts: bool = True,
-    ) -> Index:
+        **qdrant_options: Any,
+    ) -> Index | QdrantIndex:
         """A new, empty index at ``path`` (a missing or empty folder) for ``encoder``'s model.
 
         ``dtype="int8"`` halves the vectors again (one float32 scale per row); ``pool_factor=2`` (ColBERT)
         keeps about half of each document's token vectors. tests/test_index.py measures both.
+
+        ``backend="qdrant"`` keeps the documents in Qdrant instead (``QdrantIndex``, same surface): a
+        folder holds a Qdrant Edge shard, an http(s) URL names a server (``collection=``, ``api_key=``,
+        ``candidates=``: see ``lfm2edge.runtime.storage.qdrant_index``).
         """
+        if backend == "qdrant":
+            from lfm2edge.runtime.storage.qdrant_index import QdrantIndex
+
+            if dtype != "float16":
+                raise InvalidInputError("the Qdrant engine stores float16 token vectors; dtype applies to 'exact'")
+            return QdrantIndex.create(
+                path, encoder, pool_factor=pool_factor, store_texts=store_texts, **qdrant_options
+            )
+        if backend != "exact":
+            raise InvalidInputError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        if qdrant_options:
+            raise InvalidInputError(f"{sorted(qdrant_options)} apply to backend='qdrant' only")
+        if not isinstance(path, (str, Path)) or str(path).startswith(("http://", "https://")):
+            raise InvalidInputError(f"the exact index lives in a folder, not {path!r}; for a server use backend='qdrant'")
         path = Path(path)
-        _check_open_encoder(encoder)
+        check_open_encoder(encoder)
         if dtype not in DTYPES:
             raise InvalidInputError(f"dtype must be one of {DTYPES}, not {dtype!r}")
         if not isinstance(pool_factor, int) or pool_factor < 1:
@@ -338,11 +230,20 @@ class Index:
         return cls(path, manifest, encoder)
 
     @classmethod
-    def open(cls, path: str | Path, encoder=None) -> Index:
-        """Open an existing index; refuses an encoder whose model did not build it."""
+    def open(cls, path: str | Path, encoder=None, **qdrant_options: Any) -> Index | QdrantIndex:
+        """Open an existing index; refuses an encoder whose model did not build it. A folder that holds
+        a Qdrant Edge shard, or an http(s) URL, opens a ``QdrantIndex``."""
+        from lfm2edge.runtime.storage.qdrant_index import QdrantIndex, holds_qdrant_index, is_location_url
+
+        if is_location_url(path) or type(path).__name__ == "QdrantClient" or (
+            isinstance(path, (str, Path)) and holds_qdrant_index(Path(path))
+        ):
+            return QdrantIndex.open(path, encoder, **qdrant_options)
+        if qdrant_options:
+            raise InvalidInputError(f"{sorted(qdrant_options)} apply to Qdrant indexes only")
         path = Path(path)
         if encoder is not None:
-            _check_open_encoder(encoder)
+            check_open_encoder(encoder)
         index = consistently(path, lambda manifest: cls(path, manifest, None))
         if encoder is not None:
             index._check_model(encoder)
@@ -350,10 +251,16 @@ class Index:
         return index
 
     @classmethod
-    def open_or_create(cls, path: str | Path, encoder, **create_options) -> Index:
+    def open_or_create(cls, path: str | Path, encoder, **create_options) -> Index | QdrantIndex:
         """Open ``path`` if it holds an index, else create one there with ``create_options``."""
-        path = Path(path)
-        if (path / MANIFEST).exists():
+        from lfm2edge.runtime.storage.qdrant_index import QdrantIndex, holds_qdrant_index, is_location_url
+
+        if is_location_url(path) or type(path).__name__ == "QdrantClient":
+            where = {k: create_options[k] for k in ("collection", "api_key") if k in create_options}
+            if QdrantIndex.exists(path, **where):
+                return QdrantIndex.open(path, encoder, **where)
+            return cls.create(path, encoder, **{"backend": "qdrant", **create_options})
+        if (Path(path) / MANIFEST).exists() or holds_qdrant_index(Path(path)):
             return cls.open(path, encoder)
         return cls.create(path, encoder, **create_options)
 
@@ -398,6 +305,20 @@ class Index:
         """Every live id, in insertion order (per segment)."""
         return [d for s in self._segments for d, gone in zip(s.ids, s.deleted, strict=True) if not gone]
 
+    def documents(self) -> Iterator[StoredDocument]:
+        """Every live document with its stored vectors as float32 (what ``index export`` copies)."""
+        self._need_open()
+        late = self.settings.kind is ModelKind.LATE_INTERACTION
+        for seg in self._segments:
+            seg.check_mapped()
+            for row in np.flatnonzero(~seg.deleted):
+                a, b = int(seg.offsets[row]), int(seg.offsets[row + 1])
+                vectors = np.asarray(seg.vectors[a:b], dtype=np.float32)
+                if seg.scales is not None:
+                    vectors = vectors * seg.scales[a:b, None]
+                rec = seg.record(int(row))
+                yield StoredDocument(seg.ids[row], vectors if late else vectors[0], rec.get("text"), rec.get("metadata"))
+
     def _install(self, manifest: dict) -> None:
         """Make ``manifest`` (checked by ``check_manifest``) the current state, reusing open segments."""
         open_now = {s.name: s for s in self._segments}
@@ -423,6 +344,7 @@ class Index:
                     )
                 where[doc_id] = (seg.name, row)
         self._manifest, self._segments, self._where = manifest, tuple(segments), where
+        self._metadata = {s.name: m for s in segments if (m := self._metadata.get(s.name)) is not None}
 
     def refresh(self) -> bool:
         """Pick up commits made by other processes; True when something changed."""
@@ -497,7 +419,7 @@ class Index:
         if self.encoder is None:
             raise InvalidInputError(f"{what} needs the model: open the index with Index.open(path, encoder)")
         try:
-            _check_open_encoder(self.encoder)
+            check_open_encoder(self.encoder)
         except EncoderClosedError as e:
             raise EncoderClosedError(f"{what} needs the model, but {e}") from None
         return self.encoder
@@ -523,35 +445,78 @@ class Index:
         encoder = self._need_encoder("adding documents")
         texts, _ = check_texts(texts, "text")
         metas = check_metadata(metadata, len(texts))
+
+        def encode(rows: list[int]) -> list[np.ndarray]:
+            return list(encoder.encode_document([texts[r] for r in rows], batch_size=batch_size))
+
+        return self._add(len(texts), ids, texts, metas, encode, on_duplicate, commit_every, show_progress_bar)
+
+    def add_vectors(
+        self,
+        vectors: Sequence[np.ndarray] | np.ndarray,
+        ids: Sequence[str] | str | None = None,
+        texts: Sequence[str] | None = None,
+        metadata: Sequence[Mapping | None] | Mapping | None = None,
+        *,
+        on_duplicate: OnDuplicate = "error",
+        commit_every: int = 256,
+    ) -> list[str]:
+        """Store documents encoded elsewhere (e.g. by ``lfm2edge.distributed``) by this index's model:
+        [tokens, dim] arrays (ColBERT) or [dim] vectors (dense). Otherwise as ``add``; ``texts`` are
+        stored for the hits when given."""
+        self._need_open()
+        s = self.settings
+        n = len(vectors) if isinstance(vectors, (Sequence, np.ndarray)) else -1
+        vecs = document_vectors(vectors, max(n, 0), s.kind is ModelKind.LATE_INTERACTION, s.dim)
+        text_list: list[str | None] = [None] * len(vecs)
+        if texts is not None:
+            text_list = list(check_texts(texts, "text")[0])
+            if len(text_list) != len(vecs):
+                raise InvalidInputError(f"got {len(vecs)} vectors but {len(text_list)} texts; pass one each")
+        metas = check_metadata(metadata, len(vecs))
+        return self._add(
+            len(vecs), ids, text_list, metas, lambda rows: [vecs[r] for r in rows], on_duplicate, commit_every
+        )
+
+    def _add(
+        self,
+        n: int,
+        ids: object,
+        texts: Sequence[str | None],
+        metas: list[dict | None],
+        vectors_of: Callable[[list[int]], list[np.ndarray]],
+        on_duplicate: str,
+        commit_every: int,
+        show_progress_bar: bool = False,
+    ) -> list[str]:
+        """Store ``n`` documents in commits of ``commit_every``; ``vectors_of`` gives the vectors of the
+        positions being committed (encoding them, for ``add``), so skipped ids are never encoded."""
         if on_duplicate not in ON_DUPLICATE:
             raise InvalidInputError(f"on_duplicate must be one of {ON_DUPLICATE}, not {on_duplicate!r}")
         if isinstance(commit_every, bool) or not isinstance(commit_every, int) or commit_every < 1:
             raise InvalidInputError(f"commit_every must be a positive integer, got {commit_every!r}")
         if ids is not None:
-            check_ids(ids, len(texts))  # before any work; checked again with the index under the writer lock
+            check_ids(ids, n)  # before any work; checked again with the index under the writer lock
         id_list: list[str] = []
-        bar = progress_bar(len(texts), show_progress_bar)
-        for start in range(0, len(texts), commit_every):
-            end = start + commit_every
+        bar = progress_bar(n, show_progress_bar)
+        for start in range(0, n, commit_every):
+            end = min(start + commit_every, n)
             with self._writing():
                 next_id = None
-                if (
-                    start == 0
-                ):  # checked under the same lock as the first commit, which reserves generated ids
-                    id_list, next_id = self._ids_for(ids, len(texts), on_duplicate)
-                batch = [
-                    (d, t, m)
-                    for d, t, m in zip(id_list[start:end], texts[start:end], metas[start:end], strict=True)
-                    if on_duplicate != "skip" or d not in self._where
+                if start == 0:  # checked under the same lock as the first commit, which reserves generated ids
+                    id_list, next_id = self._ids_for(ids, n, on_duplicate)
+                rows = [
+                    r for r in range(start, end) if on_duplicate != "skip" or id_list[r] not in self._where
                 ]
-                if start > 0 and on_duplicate == "error" and any(d in self._where for d, _, _ in batch):
+                if start > 0 and on_duplicate == "error" and any(id_list[r] in self._where for r in rows):
                     raise DuplicateIdError(
                         "another writer added some of these ids meanwhile; nothing more was added"
                     )
-                if batch:
-                    self._add_batch(encoder, batch, batch_size, next_id)
+                if rows:
+                    batch = [(id_list[r], texts[r], metas[r]) for r in rows]
+                    self._write_batch(batch, vectors_of(rows), next_id)
                     self._merge_small_segments()
-            bar(min(end, len(texts)) - start)
+            bar(end - start)
         bar(0, close=True)
         return id_list
 
@@ -580,27 +545,26 @@ class Index:
             counter += 1
         return out, counter
 
-    def _add_batch(
-        self, encoder, batch: list[tuple[str, str, dict | None]], batch_size: int, next_id: int | None
+    def _write_batch(
+        self, batch: list[tuple[str, str | None, dict | None]], vectors: list[np.ndarray], next_id: int | None
     ) -> None:
+        """Write one segment of ``batch`` (id, text, metadata) with its vectors and commit it, replacing
+        the documents of the same ids."""
         s = self.settings
-        texts = [t for _, t, _ in batch]
         if s.kind is ModelKind.LATE_INTERACTION:
-            docs = encoder.encode_document(texts, batch_size=batch_size)
-            if s.pool_factor > 1:
-                docs = [pool_tokens(d, s.pool_factor) for d in docs]
+            docs = [pool_tokens(d, s.pool_factor) for d in vectors] if s.pool_factor > 1 else vectors
             rows, lengths = np.concatenate(docs), np.array([len(d) for d in docs])
         else:
-            rows = normalize_rows(encoder.encode_document(texts, batch_size=batch_size))
+            rows = normalize_rows(np.stack(vectors))
             lengths = np.ones(len(rows), dtype=np.int64)
         if s.dtype == "int8":
-            vectors, scales = quantize_int8(rows)
+            stored, scales = quantize_int8(rows)
         else:
-            vectors, scales = rows.astype(np.float16), None
+            stored, scales = rows.astype(np.float16), None
         seg = write_segment(
             self.path,
             f"{self.generation + 1:08d}-{secrets.token_hex(4)}",
-            vectors,
+            stored,
             scales,
             lengths,
             [d for d, _, _ in batch],
@@ -634,7 +598,7 @@ class Index:
             ids = [ids]
         if isinstance(ids, (bytes, bytearray)) or not isinstance(ids, (Sequence, np.ndarray)):
             raise InvalidInputError(f"ids must be a string or a list of strings, not {type(ids).__name__}")
-        ids = [_check_id(d, f"id {i}") for i, d in enumerate(ids)]
+        ids = [check_id(d, f"id {i}") for i, d in enumerate(ids)]
         with self._writing():
             missing = [d for d in ids if d not in self._where]
             if missing and not missing_ok:
@@ -692,43 +656,66 @@ class Index:
 
     # -- searching ----------------------------------------------------------------------------------------
 
-    def search(self, query: str, k: int = 10) -> list[Hit]:
-        """The ``k`` best documents for ``query``, best first."""
+    def search(self, query: str, k: int = 10, *, where: Mapping[str, Any] | None = None) -> list[Hit]:
+        """The ``k`` best documents for ``query``, best first; ``where`` keeps only documents whose
+        metadata matches (``lfm2edge.runtime.storage.filters``)."""
         if not isinstance(query, str):
             raise InvalidInputError(
                 f"query must be a string, not {type(query).__name__}; use search_many for lists"
             )
-        return self.search_many([check_text(query, "query")], k)[0]
+        return self.search_many([check_text(query, "query")], k, where=where)[0]
 
-    def search_many(self, queries: Sequence[str], k: int = 10, batch_size: int = 32) -> list[list[Hit]]:
+    def search_many(
+        self,
+        queries: Sequence[str],
+        k: int = 10,
+        batch_size: int = 32,
+        *,
+        where: Mapping[str, Any] | None = None,
+    ) -> list[list[Hit]]:
         """One hit list per query; queries are encoded in batches and scored together."""
         encoder = self._need_encoder("searching")
         queries, _ = check_texts(queries, "query")
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise InvalidInputError(f"k must be a positive integer, got {k!r}")
+        check_where(where)  # before the queries are encoded
         if not queries:
             return []
         vectors = encoder.encode_query(queries, batch_size=batch_size)
-        return self.search_vectors(vectors if isinstance(vectors, list) else list(vectors), k)
+        return self.search_vectors(vectors if isinstance(vectors, list) else list(vectors), k, where=where)
 
-    def search_vectors(self, queries: Sequence[np.ndarray], k: int = 10) -> list[list[Hit]]:
+    def search_vectors(
+        self, queries: Sequence[np.ndarray], k: int = 10, *, where: Mapping[str, Any] | None = None
+    ) -> list[list[Hit]]:
         """Search with query vectors already encoded: [tokens, dim] matrices (ColBERT) or [dim] vectors."""
         self._need_open()
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise InvalidInputError(f"k must be a positive integer, got {k!r}")
+        conditions = check_where(where)
         late = self.settings.kind is ModelKind.LATE_INTERACTION
-        qs = [_query_array(q, i, late, self.settings.dim) for i, q in enumerate(_query_list(queries))]
+        qs = [query_array(q, i, late, self.settings.dim) for i, q in enumerate(query_list(queries))]
         self._refresh_if_changed()
         segments = self._segments  # one consistent snapshot, even while others write
         for seg in segments:
             seg.check_mapped()  # a file that shrank under its mapping would fault (SIGBUS) when read
         hits: list[list[Hit]] = []
         for g in range(0, len(qs), QUERY_GROUP):
-            hits.extend(self._search_group(segments, qs[g : g + QUERY_GROUP], k, late))
+            hits.extend(self._search_group(segments, qs[g : g + QUERY_GROUP], k, late, conditions))
         return hits
 
+    def _excluded(self, seg: Segment, conditions: Where) -> np.ndarray:
+        """The rows of ``seg`` that are deleted or whose metadata fails ``conditions``."""
+        if not conditions:
+            return seg.deleted
+        metadata = self._metadata.get(seg.name)
+        if metadata is None:  # segments are immutable: parse their metadata once
+            metadata = [seg.record(r).get("metadata") for r in range(len(seg.ids))]
+            self._metadata[seg.name] = metadata
+        failing = np.fromiter((not matches(m, conditions) for m in metadata), dtype=bool, count=len(metadata))
+        return seg.deleted | failing
+
     def _search_group(
-        self, segments: tuple[Segment, ...], qs: list[np.ndarray], k: int, late: bool
+        self, segments: tuple[Segment, ...], qs: list[np.ndarray], k: int, late: bool, conditions: Where
     ) -> list[list[Hit]]:
         if late:
             qcat = np.concatenate(qs)
@@ -739,7 +726,7 @@ class Index:
         parts = []
         for seg in segments:
             scores = _score_segment(seg, qcat, starts, late)
-            scores[seg.deleted] = -np.inf
+            scores[self._excluded(seg, conditions)] = -np.inf
             parts.append(scores)
         if not parts:
             return [[] for _ in qs]
@@ -810,6 +797,7 @@ class Index:
     def close(self) -> None:
         """Drop the memory maps; the index object is unusable afterwards."""
         self._segments, self._where, self.encoder, self._closed = (), {}, None, True
+        self._metadata = {}
 
     def __enter__(self) -> Index:
         return self
@@ -828,30 +816,6 @@ class Index:
 # ----------------------------------------------------------------------------------------------------------
 # Scoring one segment
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _query_list(queries: object) -> list:
-    if isinstance(queries, (str, bytes, bytearray)) or not isinstance(queries, (Sequence, np.ndarray)):
-        raise InvalidInputError(
-            f"queries must be a list of query vectors, not {type(queries).__name__}; use search() for texts"
-        )
-    return list(queries)
-
-
-def _query_array(q: object, i: int, late: bool, dim: int) -> np.ndarray:
-    """Query ``i`` as a finite float32 [tokens >= 1, dim] (ColBERT) or [dim] (dense) array."""
-    want = f"[tokens, {dim}]" if late else f"[{dim}]"
-    try:
-        a = np.asarray(q)
-        ok = a.dtype.kind in "fiu"
-        a = a.astype(np.float32) if ok else a
-    except (TypeError, ValueError):  # ragged lists, objects numpy cannot hold
-        ok = False
-    if not ok:
-        raise InvalidInputError(f"query {i} must be a {want} array of real numbers, got {type(q).__name__}")
-    if a.ndim != (2 if late else 1) or a.shape[-1] != dim or a.size == 0 or not np.isfinite(a).all():
-        raise InvalidInputError(f"query {i} must be a finite, non-empty {want} array, got shape {a.shape}")
-    return a
 
 
 def _score_segment(seg: Segment, qcat: np.ndarray, starts: np.ndarray, late: bool) -> np.ndarray:
