@@ -23,8 +23,10 @@ import numpy as np
 import typer
 
 from lfm2edge.runtime.core.errors import InvalidInputError
+from lfm2edge.runtime.core.progress import progress_bar
 from lfm2edge.runtime.core.text import check_text
 from lfm2edge.runtime.frontends.cli_options import JsonFlag, Threads
+from lfm2edge.runtime.storage.qdrant_index import DEFAULT_COLLECTION
 
 InputFormat = Annotated[
     str,
@@ -108,13 +110,19 @@ def _load(model: Path, threads: int | None):
     return load(model, n_threads=threads)
 
 
-def _open_index(path: Path, model: Path | None, threads: int | None):
+def _server_options(path: Path | str, collection: str) -> dict[str, str]:
+    """Index.open's options for ``path``: the collection, for a Qdrant server only."""
+    return {"collection": collection} if isinstance(path, str) else {}
+
+
+def _open_index(path: Path | str, model: Path | None, threads: int | None, collection: str = DEFAULT_COLLECTION):
     """The index and an encoder for it: ``model``, or the GGUF the index was created from."""
     from lfm2edge.runtime.storage.index import Index
 
-    index = Index.open(path)
+    index = Index.open(path, **_server_options(path, collection))
+    recorded = index.settings.model_path
+    index.close()  # opened again with its encoder (a Qdrant Edge shard takes one opener at a time)
     if model is None:
-        recorded = index.settings.model_path
         if not recorded or not Path(recorded).is_file():
             raise InvalidInputError(
                 f"the index was built from {recorded or 'an unrecorded path'}, which is not there now; "
@@ -123,10 +131,23 @@ def _open_index(path: Path, model: Path | None, threads: int | None):
         model = Path(recorded)
     encoder = _load(model, threads)
     try:
-        return Index.open(path, encoder), encoder
+        return Index.open(path, encoder, **_server_options(path, collection)), encoder
     except Exception:
         encoder.close()
         raise
+
+
+def _where_json(where: str | None) -> dict | None:
+    """--where's JSON object (checked further by the index)."""
+    if where is None:
+        return None
+    try:
+        value = json.loads(where)
+    except ValueError as e:
+        raise InvalidInputError(f'--where is not JSON ({e}); e.g. --where \'{{"lang": "en"}}\'') from None
+    if not isinstance(value, dict):
+        raise InvalidInputError('--where must be a JSON object of metadata field -> value, e.g. {"lang": "en"}')
+    return value
 
 
 def _echo_json(value: Any) -> None:
@@ -253,7 +274,21 @@ def _encode(encoder, records: list[dict], as_queries: bool, suffix: str) -> tupl
 # index
 # ----------------------------------------------------------------------------------------------------------
 
-IndexDir = Annotated[Path, typer.Argument(help="the index folder", show_default=False)]
+def index_location(value: str) -> Path | str:
+    """An index argument: a folder, or the http(s) URL of a Qdrant server (kept as typed)."""
+    return value if value.startswith(("http://", "https://")) else Path(value)
+
+
+IndexDir = Annotated[
+    Any,  # Path | str: Typer takes no unions, the parser decides
+    typer.Argument(
+        parser=index_location, metavar="INDEX", show_default=False,
+        help="the index folder, or a Qdrant server URL (http://HOST:6333; QDRANT_API_KEY for its key)",
+    ),
+]
+Collection = Annotated[
+    str, typer.Option("--collection", help="the collection, when INDEX is a Qdrant server URL")
+]
 ModelOption = Annotated[
     Path | None, typer.Option("--model", "-m", help="the GGUF (default: the one the index was built from)")
 ]
@@ -264,8 +299,13 @@ def index_create(
     model: Annotated[
         Path, typer.Option("--model", "-m", help="the retriever GGUF whose vectors the index holds")
     ],
+    backend: Annotated[
+        str,
+        typer.Option(help="exact (lfm2edge's own files, exact search) | qdrant (Qdrant Edge in the folder, "
+                     "or the server at a URL; HNSW candidates, then exact MaxSim)"),
+    ] = "exact",
     dtype: Annotated[
-        str, typer.Option(help="float16 | int8 (int8: half the size, scores within about 1%)")
+        str, typer.Option(help="float16 | int8 (int8: half the size, scores within about 1%; exact only)")
     ] = "float16",
     pool_factor: Annotated[
         int, typer.Option(help="ColBERT token pooling: 2 keeps about half the vectors")
@@ -273,45 +313,169 @@ def index_create(
     store_texts: Annotated[
         bool, typer.Option("--store-texts/--no-texts", help="keep the texts to return with hits")
     ] = True,
+    candidates: Annotated[
+        int | None,
+        typer.Option(help="qdrant, ColBERT: documents the HNSW stage hands to MaxSim [default: 512]",
+                     show_default=False),
+    ] = None,
+    collection: Collection = DEFAULT_COLLECTION,
     threads: Threads = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Create an empty index for a model in a new (or empty) folder."""
+    """Create an empty index for a model: in a new (or empty) folder, or as a collection on a Qdrant server."""
     from lfm2edge.runtime.storage.index import Index
 
-    _check_new_folder(path)
+    options: dict[str, Any] = {}
+    if backend == "qdrant" or isinstance(path, str):
+        options = _server_options(path, collection) | ({"candidates": candidates} if candidates is not None else {})
+        backend = "qdrant"
+    elif candidates is not None:
+        raise InvalidInputError("--candidates applies to --backend qdrant only")
+    if isinstance(path, Path):
+        _check_new_folder(path)
     with _load(model, threads) as encoder:
-        index = Index.create(path, encoder, dtype=dtype, pool_factor=pool_factor, store_texts=store_texts)
+        index = Index.create(
+            path, encoder, backend=backend, dtype=dtype, pool_factor=pool_factor, store_texts=store_texts, **options
+        )
         info = index.info()
+        index.close()
     if as_json:
         _echo_json(info)
     else:
+        where = f"{path} (collection {collection})" if isinstance(path, str) else str(path)
         typer.echo(
-            f"created {path}: {info['kind']}, dim {info['dim']}, {info['dtype']}, "
+            f"created {where}: {backend}, {info['kind']}, dim {info['dim']}, {info['dtype']}, "
             f"pool factor {info['pool_factor']}"
         )
 
 
-def index_add(
+def index_export(
     path: IndexDir,
-    source: Annotated[str, typer.Argument(help="a text or JSONL file; - for stdin")] = "-",
-    model: ModelOption = None,
-    on_duplicate: Annotated[
-        str, typer.Option(help="error | skip | replace, for ids already in the index")
-    ] = "error",
-    input_format: InputFormat = "auto",
-    text_field: TextField = "text",
-    commit_every: Annotated[int, typer.Option(help="texts per durable commit")] = 256,
-    threads: Threads = None,
+    to: Annotated[
+        Any,
+        typer.Option("--to", parser=index_location, metavar="DEST", show_default=False,
+                     help="a Qdrant server URL, or a new folder for a Qdrant Edge shard"),
+    ],
+    collection: Collection = DEFAULT_COLLECTION,
+    to_collection: Annotated[
+        str | None, typer.Option("--to-collection", help="the collection to create at DEST [default: --collection]",
+                                 show_default=False),
+    ] = None,
+    candidates: Annotated[
+        int | None, typer.Option(help="DEST's candidate count [default: 512]", show_default=False)
+    ] = None,
+    batch: Annotated[int, typer.Option(help="documents per write")] = 256,
     as_json: JsonFlag = False,
 ) -> None:
-    """Encode texts and add them to an index (JSONL objects may carry "id" and "metadata")."""
+    """Copy every document of an index, with its stored vectors, text and metadata, into a new Qdrant
+    collection (a server, or an Edge shard folder): how a laptop index moves to a server. No model needed."""
+    from lfm2edge.runtime.storage.index import Index
+    from lfm2edge.runtime.storage.qdrant_index import QdrantIndex
+
+    if isinstance(to, Path):
+        _check_new_folder(to)
+    source = Index.open(path, **_server_options(path, collection))
+    options = _server_options(to, to_collection or collection) | (
+        {"candidates": candidates} if candidates is not None else {}
+    )
+    target = QdrantIndex.create_for(to, source.settings, **options)
+    copied = 0
+    bar = progress_bar(len(source), _show_progress(), unit="document")
+    try:
+        for group in _batched(source.documents(), batch):
+            target.add_vectors(
+                [d.vectors for d in group], [d.id for d in group],
+                [d.text for d in group] if source.settings.store_texts else None,
+                [d.metadata for d in group], on_duplicate="replace",
+            )
+            copied += len(group)
+            bar(len(group))
+        total = len(target)
+    finally:
+        bar(0, close=True)
+        target.close()
+        source.close()
+    if as_json:
+        _echo_json({"copied": copied, "documents": total})
+    else:
+        typer.echo(f"copied {copied} documents to {to}; it holds {total}")
+
+
+def _batched(items: Iterator, n: int) -> Iterator[list]:
+    group: list = []
+    for item in items:
+        group.append(item)
+        if len(group) == n:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def index_add(
+    path: IndexDir,
+    source: Annotated[
+        str, typer.Argument(help="a text or JSONL file; - for stdin (with --ray: JSONL or Parquet files, or a folder)")
+    ] = "-",
+    model: ModelOption = None,
+    on_duplicate: Annotated[
+        str | None,
+        typer.Option(
+            help="error | skip | replace, for ids already in the index [default: error; with --ray: skip, "
+            "so running the same command again resumes]",
+            show_default=False,
+        ),
+    ] = None,
+    input_format: InputFormat = "auto",
+    text_field: TextField = "text",
+    commit_every: Annotated[
+        int | None,
+        typer.Option(help="texts per durable commit [default: 256; with --ray: 64, one actor call each]",
+                     show_default=False),
+    ] = None,
+    threads: Threads = None,
+    ray: Annotated[
+        bool,
+        typer.Option("--ray", help="encode on Ray: joins the cluster RAY_ADDRESS names or one running on this "
+                     "machine, else starts a local one; needs lfm2edge[distributed]"),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", help="encode on the Ray cluster at this address (HOST:PORT, "
+                     "ray://HOST:PORT, auto or local); implies --ray", show_default=False),
+    ] = None,
+    actors: Annotated[
+        int | None,
+        typer.Option(help="with --ray: encoder actors [default: as many as the cluster's CPUs hold]",
+                     show_default=False),
+    ] = None,
+    cpus_per_actor: Annotated[
+        int | None,
+        typer.Option(help="with --ray: CPUs, and so llama.cpp threads, per actor [default: 1]", show_default=False),
+    ] = None,
+    collection: Collection = DEFAULT_COLLECTION,
+    as_json: JsonFlag = False,
+) -> None:
+    """Encode texts and add them to an index (JSONL objects may carry "id" and "metadata").
+
+    With --ray the texts are encoded by a pool of actors on a Ray cluster (each node needs
+    lfm2edge[distributed] and the GGUF at the same path) and written here; every record needs an id,
+    and ids already in the index are skipped, so an interrupted run is finished by running it again.
+    """
+    if ray or ray_address is not None:
+        _index_add_ray(path, source, model, on_duplicate or "skip", input_format, text_field, commit_every,
+                       threads, ray_address, actors, cpus_per_actor, as_json)
+        return
+    if actors is not None or cpus_per_actor is not None:
+        raise InvalidInputError("--actors and --cpus-per-actor apply with --ray only")
+    on_duplicate = on_duplicate or "error"
+    commit_every = 256 if commit_every is None else commit_every
     records = read_records(source, input_format, text_field)
     with_ids = [r for r in records if "id" in r]
     if with_ids and len(with_ids) != len(records):
         raise InvalidInputError('give every JSONL record an "id", or none (the index then numbers them)')
     given = [r["id"] for r in records] if with_ids else None
-    index, encoder = _open_index(path, model, threads)
+    index, encoder = _open_index(path, model, threads, collection)
     with encoder:
         before = len(index)
         present = sum(1 for d in set(given) if d in index) if given else 0  # skipped or replaced
@@ -345,6 +509,90 @@ def index_add(
         typer.echo(f"added {added} texts{extra}; the index holds {total} documents")
 
 
+def _index_add_ray(
+    path: Path,
+    source: str,
+    model: Path | None,
+    on_duplicate: str,
+    input_format: str,
+    text_field: str,
+    commit_every: int | None,
+    threads: int | None,
+    address: str | None,
+    actors: int | None,
+    cpus_per_actor: int | None,
+    as_json: bool,
+) -> None:
+    """``index add --ray``: the input checked, then Ray joined, then the pipeline (lfm2edge.distributed)."""
+    from lfm2edge.runtime.distributed import Fields, add_to_index, connect, read_corpus
+    from lfm2edge.runtime.distributed.pipeline import DEFAULT_BATCH_SIZE
+    from lfm2edge.runtime.distributed.ray_support import check_address, require_ray
+    from lfm2edge.runtime.storage.index import Index
+
+    if source == "-":
+        raise InvalidInputError("--ray reads JSONL or Parquet files (or a folder of them), not stdin; save the "
+                                "input to a file first")
+    if threads is not None:
+        raise InvalidInputError("--threads sets the in-process encoder; with --ray each actor runs as many "
+                                "threads as its --cpus-per-actor")
+    if input_format == "text":
+        raise InvalidInputError("--ray reads records with ids (JSONL or Parquet), not text lines; give each "
+                                'text an id: {"id": "doc-1", "text": "..."}')
+    ray = require_ray()
+    if address is not None:
+        check_address(address)
+    corpus = read_corpus(source, Fields(text=text_field), input_format)  # before Ray starts: fails fast
+    index = Index.open(path)
+    if model is None:
+        recorded = index.settings.model_path
+        if not recorded or not Path(recorded).is_file():
+            raise InvalidInputError(
+                f"the index was built from {recorded or 'an unrecorded path'}, which is not there now; pass --model"
+            )
+        model = Path(recorded)
+    before = len(index)
+    started = connect(address)
+    try:
+        result = add_to_index(
+            model,
+            corpus,
+            index,
+            on_duplicate=on_duplicate,  # type: ignore[arg-type]
+            actors=actors,
+            cpus_per_actor=1 if cpus_per_actor is None else cpus_per_actor,
+            batch_size=DEFAULT_BATCH_SIZE if commit_every is None else commit_every,
+            show_progress_bar=_show_progress(),
+        )
+    except BaseException:
+        if len(index) != before:  # each block was committed whole: say what is there and how to go on
+            typer.echo(
+                f"note: the index now holds {len(index)} documents ({len(index) - before:+d} before the "
+                "failure); run the same command again to add the rest",
+                err=True,
+            )
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+    added = result.encoded - result.replaced
+    summary = {
+        "ids": corpus.ids,
+        "documents": len(index),
+        "added": added,
+        "skipped": result.skipped,
+        "replaced": result.replaced,
+        "actors": result.actors,
+        "cpus_per_actor": result.cpus_per_actor,
+    }
+    if as_json:
+        _echo_json(summary)
+    else:
+        extra = f", {result.skipped} skipped (already in the index)" if result.skipped else ""
+        extra += f", {result.replaced} replaced" if result.replaced else ""
+        pool = f" by {result.actors} Ray actor(s) of {result.cpus_per_actor} CPU(s)" if result.actors else ""
+        typer.echo(f"added {added} texts{pool}{extra}; the index holds {len(index)} documents")
+
+
 def index_delete(
     path: IndexDir,
     ids: Annotated[list[str] | None, typer.Argument(help="ids to delete", show_default=False)] = None,
@@ -352,6 +600,7 @@ def index_delete(
     missing_ok: Annotated[
         bool, typer.Option("--missing-ok", help="ignore ids that are not in the index")
     ] = False,
+    collection: Collection = DEFAULT_COLLECTION,
     as_json: JsonFlag = False,
 ) -> None:
     """Delete documents by id, in one commit (no model needed)."""
@@ -368,7 +617,7 @@ def index_delete(
         wanted += [line.strip() for line in text.splitlines() if line.strip()]
     if not wanted:
         raise InvalidInputError("no ids given: pass them as arguments or with --ids-from")
-    index = Index.open(path)
+    index = Index.open(path, **_server_options(path, collection))
     deleted = index.delete(wanted, missing_ok=missing_ok)
     if as_json:
         _echo_json({"deleted": deleted, "documents": len(index)})
@@ -379,12 +628,13 @@ def index_delete(
 def index_info(
     path: IndexDir,
     verify: Annotated[bool, typer.Option("--verify", help="re-hash every file against the manifest")] = False,
+    collection: Collection = DEFAULT_COLLECTION,
     as_json: JsonFlag = False,
 ) -> None:
     """Show what an index holds; with --verify, check every file's checksum (exit 1 on a mismatch)."""
     from lfm2edge.runtime.storage.index import Index, IndexCorruptError
 
-    index = Index.open(path)
+    index = Index.open(path, **_server_options(path, collection))
     info = index.info()
     problems = index.verify() if verify else None
     if as_json:
@@ -398,17 +648,20 @@ def index_info(
         raise IndexCorruptError("the index failed verification:\n- " + "\n- ".join(problems))
 
 
-def index_compact(path: IndexDir, as_json: JsonFlag = False) -> None:
+def index_compact(
+    path: IndexDir, collection: Collection = DEFAULT_COLLECTION, as_json: JsonFlag = False
+) -> None:
     """Rewrite the live documents into one segment, reclaiming the space of deleted ones."""
     from lfm2edge.runtime.storage.index import Index
 
-    index = Index.open(path)
+    index = Index.open(path, **_server_options(path, collection))
     index.compact()
     info = index.info()
     if as_json:
         _echo_json(info)
     else:
-        typer.echo(f"compacted {path}: {info['documents']} documents, {info['bytes']} bytes")
+        size = f", {info['bytes']} bytes" if "bytes" in info else ""
+        typer.echo(f"compacted {path}: {info['documents']} documents{size}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -425,20 +678,40 @@ def search(
         str | None, typer.Option("--queries-from", help="a text or JSONL file of queries; - for stdin")
     ] = None,
     k: Annotated[int, typer.Option("-k", "--top-k", help="hits per query")] = 10,
+    where: Annotated[
+        str | None,
+        typer.Option(help='only documents whose metadata matches, as JSON: {"lang": "en", "tag": ["a", "b"]}',
+                     show_default=False),
+    ] = None,
+    candidates: Annotated[
+        int | None,
+        typer.Option(help="Qdrant, ColBERT: candidates for MaxSim (0: score every document) [default: the "
+                     "index's]", show_default=False),
+    ] = None,
     model: ModelOption = None,
+    collection: Collection = DEFAULT_COLLECTION,
     threads: Threads = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Search an index: the k best documents per query, exact MaxSim (ColBERT) or cosine (dense)."""
+    """Search an index: the k best documents per query by MaxSim (ColBERT) or cosine (dense); exact on the
+    exact engine, over HNSW candidates on Qdrant."""
     texts = list(queries or [])
     if queries_from is not None:
         texts += [r["text"] for r in read_records(queries_from)]
     if not texts:
         raise InvalidInputError("no query given: pass one as an argument or use --queries-from")
     texts = _check_queries(texts)
-    index, encoder = _open_index(path, model, threads)
+    conditions = _where_json(where)
+    index, encoder = _open_index(path, model, threads, collection)
     with encoder:
-        results = index.search_many(texts, k=k)
+        if candidates is None:
+            results = index.search_many(texts, k=k, where=conditions)
+        elif not hasattr(index, "candidates"):
+            raise InvalidInputError("--candidates applies to Qdrant indexes; the exact index scores every document")
+        else:
+            queries = encoder.encode_query(texts)
+            results = index.search_vectors(list(queries), k=k, where=conditions, candidates=candidates)
+        index.close()
     if as_json:
         _echo_json(
             [
@@ -594,14 +867,20 @@ def serve(
 EXAMPLES = {
     "encode": "lfm2edge encode model.gguf texts.txt -o vectors.npz\n\n"
     "  cat queries.jsonl | lfm2edge encode model.gguf - --queries > vectors.jsonl",
-    "index create": "lfm2edge index create docs.idx -m colbert.gguf --dtype int8 --pool-factor 2",
+    "index create": "lfm2edge index create docs.idx -m colbert.gguf --dtype int8 --pool-factor 2\n\n"
+    "  lfm2edge index create catalog.qdrant -m colbert.gguf --backend qdrant   # Qdrant Edge, in-process\n\n"
+    "  lfm2edge index create http://localhost:6333 -m colbert.gguf --collection catalog   # a Qdrant server",
     "index add": 'lfm2edge index add docs.idx docs.jsonl   # {"id": "faq-1", "text": "...", "metadata": {}}'
     "\n\n"
-    "  lfm2edge index add docs.idx notes.txt --on-duplicate skip   # resume an interrupted add",
+    "  lfm2edge index add docs.idx notes.txt --on-duplicate skip   # resume an interrupted add"
+    "\n\n"
+    "  lfm2edge index add docs.idx corpus.parquet --ray --actors 8 --cpus-per-actor 2   # on a Ray cluster",
     "index delete": "lfm2edge index delete docs.idx faq-1 faq-7",
     "index info": "lfm2edge index info docs.idx --verify --json",
     "index compact": "lfm2edge index compact docs.idx",
-    "search": 'lfm2edge search docs.idx "how do I reset my password" -k 5 --json',
+    "index export": "lfm2edge index export docs.idx --to http://qdrant.internal:6333 --to-collection docs",
+    "search": 'lfm2edge search docs.idx "how do I reset my password" -k 5 --json\n\n'
+    '  lfm2edge search catalog.qdrant "waterproof jacket" --where \'{"brand": ["nordlys", "fjell"]}\'',
     "rerank": 'lfm2edge rerank model.gguf "reset password" candidates.txt --top-n 3',
     "serve": "lfm2edge serve model.gguf --index docs.idx --port 8123\n\n"
     "  curl -s localhost:8123/search -H 'content-type: application/json' "
@@ -624,6 +903,7 @@ def register(app: typer.Typer) -> None:
     index_app.command("delete", epilog=_epilog("index delete"))(index_delete)
     index_app.command("info", epilog=_epilog("index info"))(index_info)
     index_app.command("compact", epilog=_epilog("index compact"))(index_compact)
+    index_app.command("export", epilog=_epilog("index export"))(index_export)
     app.add_typer(index_app, name="index")
     app.command(epilog=_epilog("search"))(search)
     app.command(epilog=_epilog("rerank"))(rerank)
