@@ -40,7 +40,7 @@ from lfm2edge.runtime.storage.index import (
     pool_tokens,
 )
 from lfm2edge.runtime.storage.qdrant_engines import SETTINGS_FILE, SHARD_FOLDER, EngineError
-from lfm2edge.runtime.storage.qdrant_index import MAX_CANDIDATES, QdrantIndex
+from lfm2edge.runtime.storage.qdrant_index import DEFAULT_CANDIDATES, MAX_CANDIDATES, QdrantIndex
 
 pytest.importorskip("qdrant_edge")
 pytest.importorskip("qdrant_client")
@@ -243,7 +243,7 @@ def test_colbert_scores_are_the_exact_maxsim_of_the_stored_vectors(built, colber
 def test_full_scan_equals_the_default_on_a_small_collection(kind, built, encoders):
     _, edge = built[kind]
     queries = list(encoders[kind].encode_query(QUERIES[:8]))
-    assert edge.candidates == 512 > N  # the default hands every document to MaxSim here
+    assert edge.candidates == DEFAULT_CANDIDATES > N  # the default hands every document to MaxSim here
     for where in (None, {"even": False}):
         default = edge.search_vectors(queries, k=N, where=where)
         full = edge.search_vectors(queries, k=N, where=where, candidates=0)
@@ -899,7 +899,7 @@ def test_info_and_dispatch(built, colbert):
     _, edge = built["colbert"]
     info = edge.info()
     assert info["engine"] == "qdrant-edge" and info["documents"] == N and info["kind"] == "late_interaction"
-    assert info["dim"] == colbert.dim and info["dtype"] == "float16" and info["candidates"] == 512
+    assert info["dim"] == colbert.dim and info["dtype"] == "float16" and info["candidates"] == DEFAULT_CANDIDATES
     assert info["path"] == str(edge.location) and edge.verify() == []
     assert "QdrantIndex(" in repr(edge)
 

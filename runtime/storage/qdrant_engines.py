@@ -4,10 +4,10 @@ Both adapters hold one collection in the same layout, so a laptop shard moves to
 its points (``lfm2edge index export``):
 
 - ColBERT: ``tokens``, the token vectors as a MaxSim multivector (dot product, float16, no HNSW graph:
-  it is only ever scored for candidates or by a full scan); two HNSW-indexed vectors find the
-  candidates: ``sketch``, a few centroids of each document's tokens (``vector_codecs.sketch_tokens``)
-  as a MaxSim multivector, and ``mean``, the unit mean of its tokens under cosine. Each misses some
-  documents the other finds (bench/scale.py), so a search reranks the union of both.
+  it is only ever scored for candidates or by a full scan), and ``mean``, the unit mean of each
+  document's tokens under cosine with HNSW, which finds the candidates. (An HNSW over a few centroids
+  per document as a MaxSim multivector added 1% recall@10 at 100k documents for 7x the build time
+  and 2x the search time: bench/scale.py.)
 - Dense models: ``dense``, the unit vector under cosine with HNSW.
 - Payload: ``{"id": the document's id, "text": ..., "metadata": {...}}``. A point's Qdrant id is the
   UUID5 of the document id, so any string id works and the same document lands on the same point.
@@ -35,7 +35,7 @@ from lfm2edge.runtime.core.errors import FeatureUnavailableError, Lfm2EdgeError
 from lfm2edge.runtime.storage.filters import Where
 from lfm2edge.runtime.storage.index_storage import corrupt, fsync_dir
 
-TOKENS, SKETCH, MEAN, DENSE = "tokens", "sketch", "mean", "dense"
+TOKENS, MEAN, DENSE = "tokens", "mean", "dense"
 SETTINGS_FILE = "lfm2edge-qdrant.json"
 SHARD_FOLDER = "shard"
 METADATA_KEY = "lfm2edge"  # the collection metadata entry that holds the settings on a server
@@ -79,7 +79,7 @@ class StoredPoint:
 @dataclass(frozen=True)
 class Plan:
     """One search: score ``vector`` on ``using``; with ``prefetch`` stages (name, vector, limit), only over
-    the union of the candidates they find, walking HNSW with ``hnsw_ef`` (None: Qdrant's default);
+    the candidates they find (their union), walking HNSW with ``hnsw_ef`` (None: Qdrant's default);
     ``exact`` scans instead of walking HNSW."""
 
     using: str
@@ -376,12 +376,6 @@ def _edge_vectors(qe, layout: Layout) -> dict:
             hnsw_config=qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000),
             memory=qe.Memory.Cold,  # memory-mapped: only the candidates' pages are read
         ),
-        SKETCH: qe.EdgeVectorParams(
-            size=layout.dim,
-            distance=qe.Distance.Dot,
-            multivector_config=qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim),
-            datatype=qe.VectorStorageDatatype.Float16,
-        ),
         MEAN: qe.EdgeVectorParams(size=layout.dim, distance=qe.Distance.Cosine, datatype=qe.VectorStorageDatatype.Float16),
     }
 
@@ -397,12 +391,6 @@ def _server_vectors(m, layout: Layout) -> dict:
             datatype=m.Datatype.FLOAT16,
             hnsw_config=m.HnswConfigDiff(m=0),
             on_disk=True,
-        ),
-        SKETCH: m.VectorParams(
-            size=layout.dim,
-            distance=m.Distance.DOT,
-            multivector_config=m.MultiVectorConfig(comparator=m.MultiVectorComparator.MAX_SIM),
-            datatype=m.Datatype.FLOAT16,
         ),
         MEAN: m.VectorParams(size=layout.dim, distance=m.Distance.COSINE, datatype=m.Datatype.FLOAT16),
     }

@@ -5,9 +5,9 @@
     index.add(texts, ids=ids, metadata=metadata)
     hits = index.search("a question", k=10, where={"lang": "en"})
 
-Search stays fast as the collection grows: for ColBERT, HNSW over two summaries of each document (a
-few centroids of its token vectors, scored by MaxSim, and their mean) finds about ``candidates``
-documents, and MaxSim over their stored token vectors ranks them (``python -m lfm2edge.bench.scale`` measures recall against exact search). ``candidates=0`` scores every
+Search stays fast as the collection grows: for ColBERT, HNSW over one vector per document (the unit
+mean of its token vectors) finds ``candidates`` documents, and MaxSim over their stored token vectors
+ranks them (``python -m lfm2edge.bench.scale`` measures recall against exact search). ``candidates=0`` scores every
 document instead. Dense models search HNSW directly. Scores are the exact index's: MaxSim over float16
 token vectors, or the cosine.
 
@@ -51,24 +51,23 @@ from lfm2edge.runtime.storage.filters import check_where
 from lfm2edge.runtime.storage.qdrant_engines import (
     MEAN,
     SETTINGS_FILE,
-    SKETCH,
     EdgeEngine,
     Layout,
     Plan,
     ServerEngine,
     StoredPoint,
 )
-from lfm2edge.runtime.storage.vector_codecs import pool_tokens, sketch_tokens
+from lfm2edge.runtime.storage.vector_codecs import pool_tokens
 
 FORMAT = "lfm2edge-qdrant"
 FORMAT_VERSION = 1
 DEFAULT_COLLECTION = "lfm2edge"
 # Documents the HNSW stage hands to MaxSim. bench/scale.py measures recall@10 against exact search
 # for this value on catalog-like data; raise it per search for more recall, lower it for speed.
-DEFAULT_CANDIDATES = 512
+DEFAULT_CANDIDATES = 256
 MAX_CANDIDATES = 100_000
-# HNSW's search breadth (ef) per candidate asked for: the sketch graph (MaxSim between documents' centroids)
-# finds the true top candidates reliably only when it looks well beyond them (bench/scale.py).
+# HNSW's search breadth (ef) per candidate asked for: looking beyond the candidates kept makes it
+# return the true nearest ones more often (bench/scale.py).
 HNSW_EF_PER_CANDIDATE = 2
 ON_DUPLICATE: tuple[str, ...] = ("error", "skip", "replace")
 
@@ -361,15 +360,13 @@ class QdrantIndex:
         return found
 
     def _point_vectors(self, documents: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Each document's named vectors: its tokens (pooled if asked) and their sketch, or its unit vector."""
+        """Each document's named vectors: its tokens (pooled if asked) and their unit mean, or its unit vector."""
         name = self._layout.search_vector
         if not self._layout.late:
             return [{name: v} for v in normalize_rows(np.stack(documents))]
         pool = self.settings.pool_factor
         tokens = [(pool_tokens(d, pool) if pool > 1 else d).astype(np.float32) for d in documents]
-        return [
-            {name: t, SKETCH: s, MEAN: _unit_mean(t)} for t, s in zip(tokens, sketch_tokens(tokens), strict=True)
-        ]
+        return [{name: t, MEAN: _unit_mean(t)} for t in tokens]
 
     def delete(self, ids: Sequence[str] | str, missing_ok: bool = False) -> int:
         """Delete documents by id; returns how many were deleted. Unknown ids raise ``InvalidInputError``
@@ -436,10 +433,9 @@ class QdrantIndex:
             if not late:
                 plans.append(Plan(self._layout.search_vector, normalize_rows(q[None, :])[0], k, conditions))
                 continue
-            # half the candidates from each stage (they overlap: the union is often smaller)
-            each = max((candidates + 1) // 2, k)
-            prefetch = ((SKETCH, q, each), (MEAN, _unit_mean(q), each)) if candidates else ()
-            ef = HNSW_EF_PER_CANDIDATE * each
+            limit = max(candidates, k)
+            prefetch = ((MEAN, _unit_mean(q), limit),) if candidates else ()
+            ef = HNSW_EF_PER_CANDIDATE * limit
             plans.append(Plan(self._layout.search_vector, q, k, conditions, prefetch, not candidates, ef))
         found = self._engine.search(plans) if plans else []
         return [

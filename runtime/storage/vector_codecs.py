@@ -86,35 +86,3 @@ def quantize_int8(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     codes = np.clip(np.rint(x / scales[:, None]), -127, 127).astype(np.int8)
     return codes, scales.astype(np.float32)
 
-
-def sketch_tokens(documents: list[np.ndarray], iterations: int = 4) -> list[np.ndarray]:
-    """A few unit vectors per ColBERT document that MaxSim can rank candidates with: k-means of its
-    token vectors, k = sketch_size(tokens). Documents of one length are clustered together (batched).
-
-    The mean of all tokens alone blurs a document that mixes subjects; a handful of centroids keeps
-    each subject findable (measured by bench/scale.py: recall@10 after reranking).
-    """
-    out: list[np.ndarray | None] = [None] * len(documents)
-    by_length: dict[int, list[int]] = {}
-    for i, d in enumerate(documents):
-        by_length.setdefault(len(d), []).append(i)
-    for length, members in by_length.items():
-        x = np.stack([np.asarray(documents[i], dtype=np.float32) for i in members])  # [n, length, dim]
-        k = sketch_size(length)
-        # deterministic start: tokens spread evenly through the document
-        centres = x[:, np.linspace(0, length - 1, k).astype(np.int64)].copy()
-        for _ in range(iterations):
-            nearest = np.einsum("nld,nkd->nlk", x, centres).argmax(-1)  # [n, length]
-            onehot = np.eye(k, dtype=np.float32)[nearest]  # [n, length, k]
-            sums = np.einsum("nlk,nld->nkd", onehot, x)
-            counts = onehot.sum(1)[..., None]
-            centres = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
-        centres /= np.maximum(np.linalg.norm(centres, axis=-1, keepdims=True), 1e-12)
-        for j, i in enumerate(members):
-            out[i] = centres[j]
-    return out  # type: ignore[return-value]
-
-
-def sketch_size(tokens: int) -> int:
-    """Centroids per document: 4 for short texts, one per 16 tokens for long ones, at most 16."""
-    return min(tokens, max(4, min(16, -(-tokens // 16))))
