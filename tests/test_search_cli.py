@@ -190,6 +190,50 @@ def test_index_lifecycle_and_search(invoke, colbert_gguf, embedding_gguf, tmp_pa
     assert isinstance(invoke("index", "compact", foreign).exception, IndexCorruptError)
 
 
+def test_qdrant_index_where_and_export(invoke, colbert_gguf, tmp_path):
+    """--backend qdrant, --where, --candidates, and `index export` from the exact engine to Qdrant Edge:
+    the copy answers as the source does."""
+    records = [
+        json.dumps({"id": f"faq-{i}", "text": DOCS[i], "metadata": {"lang": "en" if i % 2 else "fr"}})
+        for i in range(8)
+    ]
+    docs = write_lines(tmp_path / "docs.jsonl", records)
+    exact, edge, copy = tmp_path / "exact", tmp_path / "edge", tmp_path / "copy"
+    for idx, backend in ((exact, "exact"), (edge, "qdrant")):
+        assert invoke("index", "create", idx, "--model", colbert_gguf, "--backend", backend, *T1).code == 0
+        assert invoke("index", "add", idx, docs, *T1).code == 0
+    assert invoke("index", "create", tmp_path / "x", "-m", colbert_gguf, "--candidates", "5", *T1).code == 2
+
+    def hits(idx: Path, *extra: str) -> list[tuple[str, str]]:
+        """(id, lang) of the hits, after checking the scores against the exact index's (float16 rounding:
+        Qdrant Edge scores a float16 query)."""
+        r = invoke("search", idx, QUERIES[0], "-k", "4", "--json", *extra, *T1)
+        assert r.code == 0, r.exception
+        found = r.json()[0]["hits"]
+        scores[(str(idx), *extra)] = [h["score"] for h in found]
+        return [(h["id"], h["metadata"]["lang"]) for h in found]
+
+    scores: dict[tuple, list[float]] = {}
+    fr = hits(exact, "--where", '{"lang": "fr"}')
+    assert len(fr) == 4 and {lang for _, lang in fr} == {"fr"}
+    assert hits(edge, "--where", '{"lang": "fr"}') == fr
+    assert hits(edge, "--candidates", "0") == hits(exact)
+    assert np.allclose(scores[(str(edge), "--candidates", "0")], scores[(str(exact),)], atol=5e-3)
+    r = invoke("search", exact, "q", "--candidates", "0", *T1)
+    assert r.code == 2 and "Qdrant indexes" in str(r.exception)
+    r = invoke("search", edge, "q", "--where", '{"lang": 1.5}', *T1)
+    assert r.code == 2 and "float" in str(r.exception)
+    assert invoke("search", edge, "q", "--where", "[1]", *T1).code == 2
+
+    r = invoke("index", "export", exact, "--to", copy, "--json")
+    assert r.code == 0 and r.json() == {"copied": 8, "documents": 8}
+    assert hits(copy) == hits(exact)
+    assert invoke("index", "export", exact, "--to", copy).code == 2  # never into an existing index
+    info = invoke("index", "info", copy, "--json").json()
+    assert info["engine"] == "qdrant-edge" and info["documents"] == 8
+    assert invoke("index", "delete", copy, "faq-0", "--json").json() == {"deleted": 1, "documents": 7}
+
+
 def test_search_needs_the_model_when_it_moved(invoke, colbert_gguf, tmp_path):
     import shutil
 
@@ -237,6 +281,7 @@ def test_serve_refuses_a_bad_port(invoke, colbert_gguf):
         ["index", "delete"],
         ["index", "info"],
         ["index", "compact"],
+        ["index", "export"],
         ["search"],
         ["rerank"],
         ["serve"],

@@ -765,7 +765,9 @@ def rerank(
 def serve(
     model: Annotated[Path, typer.Argument(help="a retriever GGUF", show_default=False)],
     index: Annotated[
-        Path | None, typer.Option("--index", help="an index folder for /search and /documents")
+        Any,
+        typer.Option("--index", parser=index_location, metavar="INDEX", show_default=False,
+                     help="an index for /search and /documents: a folder, or a Qdrant server URL"),
     ] = None,
     create_index: Annotated[
         bool, typer.Option("--create-index", help="create the --index folder if it is missing")
@@ -807,6 +809,7 @@ def serve(
         float,
         typer.Option(help="on SIGINT/SIGTERM, seconds requests get to finish before they are cancelled"),
     ] = 10.0,
+    collection: Collection = DEFAULT_COLLECTION,
     threads: Threads = None,
 ) -> None:
     """Run the local HTTP server a desktop app talks to (OpenAI embeddings, Cohere/Jina rerank, search).
@@ -855,6 +858,7 @@ def serve(
         n_threads=threads,
         limits=limits,
         create_index=create_index,
+        index_options=_server_options(index, collection) if index is not None else None,
         api_key=api_key,
         allowed_hosts=allowed_host or (),
     )

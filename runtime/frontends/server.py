@@ -62,7 +62,7 @@ import socket
 import sys
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +89,9 @@ from lfm2edge.runtime.frontends.batcher import (
     WorkCancelledError,
     WorkScope,
 )
+from lfm2edge.runtime.storage.filters import check_where
 from lfm2edge.runtime.storage.index import DuplicateIdError, Index, IndexCorruptError, model_identity
+from lfm2edge.runtime.storage.qdrant_engines import EngineError
 
 __all__ = ["Batcher", "ServerLimits", "create_app", "is_loopback", "relevance_scores", "serve"]
 
@@ -183,6 +185,7 @@ class RerankRequest(_Body):
 class SearchRequest(_Body):
     query: str
     top_k: int = Field(10, ge=1)
+    where: dict[str, Any] | None = None  # metadata filter, as Index.search's (storage/filters.py)
 
 
 class NewDocument(_Body):
@@ -373,6 +376,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         if isinstance(exc, IndexCorruptError):
             return _error(500, "the index is damaged; run `lfm2edge index info DIR --verify`", "server_error")
+        if isinstance(exc, EngineError):  # Qdrant down or refusing: not this request's fault
+            return _error(502, "the Qdrant engine failed; the server log has the details", "bad_gateway")
         return _error(
             500, f"internal error ({type(exc).__name__}); the server log has the details", "server_error"
         )
@@ -783,10 +788,11 @@ def create_app(
             raise InvalidInputError(
                 f"top_k={req.top_k} is over this server's limit of {limits.max_top_k} (max_top_k)"
             )
+        check_where(req.where)  # a 400 naming the bad condition, before the query is encoded
         (q,), _ = await encode(request, _texts(req.query, 1, "query"), "query")
 
         def answer() -> dict:
-            hits = idx.search_vectors([q], req.top_k)[0]
+            hits = idx.search_vectors([q], req.top_k, where=req.where)[0]
             return {
                 "results": [
                     {"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata} for h in hits
@@ -876,6 +882,7 @@ def serve(
     n_threads: int | None = None,
     limits: ServerLimits = ServerLimits(),
     create_index: bool = False,
+    index_options: Mapping[str, Any] | None = None,
     log_level: str = "warning",
     api_key: str | None = None,
     allowed_hosts: Sequence[str] = (),
@@ -905,8 +912,11 @@ def serve(
         encoder = load(model, n_threads=n_threads)
         index = None
         if index_path is not None:
+            options = dict(index_options or {})  # a Qdrant server's collection
             index = (
-                Index.open_or_create(index_path, encoder) if create_index else Index.open(index_path, encoder)
+                Index.open_or_create(index_path, encoder, **options)
+                if create_index
+                else Index.open(index_path, encoder, **options)
             )
         app = create_app(encoder, index, limits, host, api_key=key, allowed_hosts=allowed_hosts)
         config = uvicorn.Config(
