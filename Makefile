@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.lfm2edge-installed
 MODEL  ?= LiquidAI/LFM2.5-ColBERT-350M
 PYTEST_ARGS ?=
 
-.PHONY: setup llama test demo bench lint clean
+.PHONY: setup llama test demo bench lint clean dist dist-check
 
 # The virtualenv with the project and its extras. The patched llama-cpp-python is built and
 # installed first (patches/build.py), so pip finds llama-cpp-python==0.3.36 already there and
@@ -42,6 +42,18 @@ bench: setup
 
 lint: setup
 	$(PY) -m ruff check .
+
+# Release wheels in dist/ (patches/dist.py): the patched llama-cpp-python built with portable flags
+# (every x86-64 ISA level, chosen at load time) and lfm2edge's own wheel, repaired for manylinux.
+# Several minutes on 2 cores; not part of `make test`.
+dist:
+	$(PYTHON) patches/dist.py build
+
+# A fresh venv installs dist/'s wheels with no compiler (--only-binary) and runs the demo on a tiny
+# random ColBERT made by the project venv, or on DIST_MODEL=file.gguf.
+DIST_MODEL ?=
+dist-check: setup
+	$(PY) patches/dist.py check $(if $(DIST_MODEL),--model "$(DIST_MODEL)")
 
 clean:
 	rm -rf $(VENV) .pytest_cache runtime/core/_maxsim*.so

@@ -33,7 +33,7 @@ def _patched_paths(patch: Path) -> list[str]:
 
 def test_every_patch_has_a_header_and_applies_to_the_pinned_tree(builder, tmp_path):
     sdist = builder.fetch_sdist(sys.executable)
-    series = builder.patch_series(True)
+    series = builder.patch_series(True, release=True)  # the release patches too
     assert series, "the series is empty"
     prefix = f"llama_cpp_python-{builder.VERSION}"
     with tarfile.open(sdist) as tar:
@@ -81,6 +81,62 @@ def test_x86_flags_enable_amx_only_with_the_fix(builder, monkeypatch):
     assert "-DGGML_METAL=ON" in builder.platform_cmake_args()
     monkeypatch.setenv("LFM2EDGE_CMAKE_ARGS", "-DGGML_BLAS=ON -DX=1")
     assert builder.platform_cmake_args() == ["-DGGML_BLAS=ON", "-DX=1"]
+
+
+def test_release_flags_do_not_depend_on_the_building_cpu(builder, monkeypatch):
+    monkeypatch.delenv("LFM2EDGE_CMAKE_ARGS", raising=False)
+    monkeypatch.setattr(builder.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(builder.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(builder, "cpu_flags", lambda: {"avx", "avx2", "fma", "f16c", "avx512f", "amx_tile", "amx_int8"})
+    args = builder.release_cmake_args()
+    # every ISA level is built as its own CPU backend module; ggml picks one at load time
+    assert {"-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON"} <= set(args)
+    assert not any(re.search(r"GGML_(AVX|AMX|FMA|F16C|BMI2)", a) for a in args)
+    monkeypatch.setattr(builder, "cpu_flags", lambda: set())
+    assert builder.release_cmake_args() == args
+    monkeypatch.setattr(builder.platform, "machine", lambda: "aarch64")
+    assert builder.release_cmake_args() == args
+    monkeypatch.setattr(builder.platform, "system", lambda: "Windows")
+    monkeypatch.setattr(builder.platform, "machine", lambda: "AMD64")
+    assert builder.release_cmake_args() == args + ["-DGGML_OPENMP=OFF"]  # no vcomp140.dll to ship
+    monkeypatch.setattr(builder.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(builder.platform, "machine", lambda: "arm64")
+    mac = builder.release_cmake_args()
+    assert "-DGGML_METAL=ON" in mac and "-DGGML_NATIVE=OFF" in mac and "-DGGML_BACKEND_DL=ON" not in mac
+    monkeypatch.setattr(builder.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(builder.platform, "machine", lambda: "riscv64")
+    with pytest.raises(builder.BuildError, match="LFM2EDGE_CMAKE_ARGS"):
+        builder.release_cmake_args()
+    monkeypatch.setenv("LFM2EDGE_CMAKE_ARGS", "-DX=1")
+    assert builder.release_cmake_args() == ["-DX=1"]
+
+
+def test_release_series_and_key_leave_the_development_build_alone(builder):
+    dev, release = builder.patch_series(True), builder.patch_series(True, release=True)
+    assert release[: len(dev)] == dev and [p.parent.name for _, p in release[len(dev):]] == ["release"]
+    assert not any(p.parent.name == "release" for _, p in dev)
+    args = ["-DA=ON"]
+    assert builder.build_key(args, dev) == builder.build_key(args, dev, ())  # the dev key is what it was
+    assert builder.build_key(args, dev, builder.RELEASE_WHEEL_EXCLUDE) != builder.build_key(args, dev)
+
+
+def test_release_source_pins_its_flags_and_keeps_only_the_loaded_libraries(builder, tmp_path):
+    pathspec = pytest.importorskip("pathspec")  # what scikit-build-core matches wheel.exclude with (make setup installs it)
+
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n\n[tool.scikit-build]\nwheel.py-api = "py3"\n')
+    builder.pin_build_settings(tmp_path, ["-DGGML_BACKEND_DL=ON"], builder.RELEASE_WHEEL_EXCLUDE)
+    settings = tomllib.loads((tmp_path / "pyproject.toml").read_text())["tool"]["scikit-build"]
+    assert settings["cmake"]["args"] == ["-DGGML_BACKEND_DL=ON"] and settings["wheel"]["py-api"] == "py3"
+    excluded = pathspec.GitIgnoreSpec.from_lines(settings["wheel"]["exclude"]).match_file
+    for kept in ["llama_cpp/lib/libllama.so", "llama_cpp/lib/libggml.so.0", "llama_cpp/lib/libggml-base.so.0",
+                 "llama_cpp/lib/libggml-cpu-haswell.so", "llama_cpp/llama_cpp.py", "llama_cpp/lfm2edge_build.json"]:
+        assert not excluded(kept), kept
+    for dropped in ["lib/libllama.so", "include/llama.h", "bin/libggml-cpu-haswell.so",
+                    "llama_cpp/lib/libllama.so.0.5.0", "llama_cpp/lib/libggml-cpu-haswell.so.0"]:
+        assert excluded(dropped), dropped
+    (tmp_path / "pyproject.toml").write_text("[project]\n")
+    with pytest.raises(builder.BuildError, match="tool.scikit-build"):
+        builder.pin_build_settings(tmp_path, [], builder.RELEASE_WHEEL_EXCLUDE)
 
 
 def test_build_errors_say_what_to_do(builder, monkeypatch, tmp_path):
