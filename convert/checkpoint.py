@@ -22,7 +22,6 @@ from lfm2edge.runtime.core.llama_keys import MAX_FF, MAX_L_CACHE, MAX_LAYERS, MA
 from lfm2edge.runtime.core.settings import (
     ModelKind,
     RetrievalSettings,
-    Similarity,
     check_values,
     colbert_defaults,
     embedding_defaults,
@@ -339,7 +338,6 @@ class Checkpoint:
                     "document_prefix": prompts.text("document", base.document_prefix),
                     "query_length": max_len,
                     "document_length": max_len,
-                    "similarity": Similarity.COSINE,
                 }
             )
             return settings, self.path / "sentence_bert_config.json"

@@ -345,7 +345,7 @@ def _settings_cases(base: str, tag: str) -> list[Case]:
     cases = []
     required = ["settings_version", "kind", "query_prefix", "document_prefix", "query_prefix_id",
                 "document_prefix_id", "query_length", "document_length", "do_query_expansion",
-                "attend_to_expansion_tokens", "expansion_token_id", "similarity", "normalize"]
+                "attend_to_expansion_tokens", "expansion_token_id", "normalize"]
     for name in required:
         key = "lfm2edge." + name
         cases.append(_case(f"{tag} {key} missing", f"variant({base}, drop=({key!r},))", re.escape(key)))
@@ -353,7 +353,7 @@ def _settings_cases(base: str, tag: str) -> list[Case]:
         "settings_version": ("1", STR), "kind": (1, U32), "query_prefix": (1, U32), "document_prefix": (1.0, F32),
         "query_prefix_id": (1000, U32), "document_prefix_id": ("1001", STR), "query_length": (32, I32),
         "document_length": (512.0, F32), "do_query_expansion": (1, U32), "attend_to_expansion_tokens": ("no", STR),
-        "expansion_token_id": (7, U32), "similarity": (0, U32), "normalize": (1, I32), "source": (1, U32),
+        "expansion_token_id": (7, U32), "normalize": (1, I32), "source": (1, U32),
         "architecture": (1, U32),
     }
     for name, (value, vtype) in wrong_types.items():
@@ -361,9 +361,9 @@ def _settings_cases(base: str, tag: str) -> list[Case]:
         cases.append(_case(f"{tag} {key} wrong type", _set(base, key, value, vtype), re.escape(key)))
     n_vocab = f"len(tokens_of({base}))"
     out_of_range = [
-        ("settings_version", "zero", 0, U32), ("settings_version", "newer", 2, U32),
+        ("settings_version", "zero", 0, U32), ("settings_version", "newer", 3, U32),
         ("settings_version", "huge", 2**32 - 1, U32),
-        ("kind", "unknown", "bogus", STR), ("similarity", "unknown", "dot", STR),
+        ("kind", "unknown", "bogus", STR),
         ("query_length", "zero", 0, U32), ("query_length", "one", 1, U32), ("query_length", "3", 3, U32),
         ("query_length", "above the maximum", 8193, U32), ("query_length", "2**31", 2**31, U32),
         ("query_length", "2**32-1", 2**32 - 1, U32),
@@ -400,13 +400,13 @@ def _settings_cases(base: str, tag: str) -> list[Case]:
         cases += [
             _case(f"{tag} ColBERT without query marker", _set(base, "lfm2edge.query_prefix_id", -1, I32),
                   r"lfm2edge\.query_prefix_id"),
-            _case(f"{tag} ColBERT scored by cosine", _set(base, "lfm2edge.similarity", "cosine", STR),
-                  r"lfm2edge\.similarity"),
-            _case(f"{tag} ColBERT as dense", _set(base, "lfm2edge.kind", "dense", STR), r"lfm2edge\.similarity"),
+            # the file's tensors and pooling say ColBERT: a dense model needs CLS pooling
+            _case(f"{tag} ColBERT as dense", _set(base, "lfm2edge.kind", "dense", STR), r"lfm2\.pooling_type"),
         ]
     else:
-        cases.append(_case(f"{tag} dense scored by maxsim", _set(base, "lfm2edge.similarity", "maxsim", STR),
-                           r"lfm2edge\.similarity"))
+        # a ColBERT model inserts marker tokens, which a dense model's settings do not name
+        cases.append(_case(f"{tag} dense as ColBERT", _set(base, "lfm2edge.kind", "late_interaction", STR),
+                           r"lfm2edge\.query_prefix_id"))
     return cases
 
 
@@ -494,6 +494,17 @@ def _controls() -> list[Case]:
         "assert not enc.model_file.has_own_settings and enc.settings.query_length in (32, 512)\n"
         "enc.close()\n"
     )
+    # Settings version 1 also wrote lfm2edge.similarity; such files load, and the key decides nothing
+    # (the kind does), whatever it holds.
+    version_1 = (
+        "p = variant({base}, set={{'lfm2edge.settings_version': (1, T.UINT32), 'lfm2edge.similarity': {value}}})\n"
+        "enc = lfm2edge.load(p, n_threads=1)\n"
+        "assert enc.kind.value == {kind!r} and enc.model_file.has_own_settings\n"
+        "q, d = enc.encode_query('a query'), enc.encode_document(['a document'])\n"
+        "assert enc.similarity(q, d).shape == (1,)\n"
+        "enc.close()\n"
+    )
+    similarity = {"COLBERT": ("late_interaction", "maxsim", "cosine"), "EMBEDDING": ("dense", "cosine", "maxsim")}
     pairs = (("COLBERT", "colbert"), ("EMBEDDING", "embedding"))
     # a header of several MiB (read in growing chunks) is still read whole
     big = f"p = variant(COLBERT, set={{'general.description': ('x' * 3_000_000, {STR})}})\n" \
@@ -502,6 +513,15 @@ def _controls() -> list[Case]:
         Case(f"{tag} untouched copy loads", code.format(base=base), None) for base, tag in pairs] + [
         Case(f"{tag} without lfm2edge settings loads with the published ones", without.format(base=base), None)
         for base, tag in pairs
+    ] + [
+        Case(f"{tag} settings version 1 with lfm2edge.similarity {label} loads",
+             version_1.format(base=base, kind=similarity[base][0], value=value), None)
+        for base, tag in pairs
+        for label, value in [
+            ("as written", f"({similarity[base][1]!r}, T.STRING)"),
+            ("contradicting the kind", f"({similarity[base][2]!r}, T.STRING)"),
+            ("of the wrong type", "(0, T.UINT32)"),
+        ]
     ]
 
 
@@ -513,7 +533,7 @@ def build_cases(slow: bool) -> list[Case]:
         cases += _tensor_cases(base, tag) + _settings_cases(base, tag) + _structure_cases(base, tag)
     if not slow:  # the embedding model's own keys and settings rules
         cases += [c for c in _key_cases("EMBEDDING", "embedding") if "pooling_type" in c.name]
-        cases += [c for c in _settings_cases("EMBEDDING", "embedding") if "maxsim" in c.name]
+        cases += [c for c in _settings_cases("EMBEDDING", "embedding") if "as ColBERT" in c.name]
     cases += _truncation_cases("COLBERT", "colbert", 300 if slow else 40)
     if slow:
         cases += _truncation_cases("EMBEDDING", "embedding", 100)

@@ -8,7 +8,7 @@ Keys (all optional, written together; ``lfm2edge.settings_version`` marks their 
 
 | key | GGUF type | meaning |
 |---|---|---|
-| lfm2edge.settings_version | uint32 | 1 |
+| lfm2edge.settings_version | uint32 | 2 (1 is read too) |
 | lfm2edge.kind | string | "dense" or "late_interaction" |
 | lfm2edge.query_prefix / document_prefix | string | prompt text ("query: ") or marker token text ("[Q] ") |
 | lfm2edge.query_prefix_id / document_prefix_id | int32 | marker id inserted after BOS; -1: prefix is prepended as text |
@@ -17,10 +17,13 @@ Keys (all optional, written together; ``lfm2edge.settings_version`` marks their 
 | lfm2edge.attend_to_expansion_tokens | bool | whether the pads are attention keys (PyLate: false) |
 | lfm2edge.expansion_token_id | int32 | the pad id of query expansion (EOS, 7) |
 | lfm2edge.skiplist_ids | int32 array | standalone token ids dropped from documents |
-| lfm2edge.similarity | string | "cosine" or "maxsim" |
 | lfm2edge.normalize | bool | L2-normalise the outputs |
 | lfm2edge.source | string | where the weights came from: the hub id (and revision) or the folder's name |
 | lfm2edge.architecture | string | the checkpoint's HF architecture (Lfm2BidirectionalModel, ...) |
+
+How a model scores is not a setting: its kind decides (dense: cosine of the CLS vectors; ColBERT:
+MaxSim over the token vectors). Version 1 files also carry ``lfm2edge.similarity``, which always
+said the same; it is read as an unknown key would be: ignored, whatever it holds.
 
 ``SETTINGS`` below is the one table of these keys (GGUF type, bounds, choices): the converter
 writes from it and the runtime reads and checks every key against it, so a tampered value
@@ -42,7 +45,9 @@ from lfm2edge.runtime.core.errors import ModelFileError
 from lfm2edge.runtime.core.gguf_file import GGUFType
 
 NAMESPACE = "lfm2edge."
-SETTINGS_VERSION = 1
+# 2: lfm2edge.similarity is no longer written (an older lfm2edge, which requires it, then asks
+# for an upgrade instead of naming a missing key); version 1 files are read as before.
+SETTINGS_VERSION = 2
 # Query and document lengths (tokens, BOS and marker included): room for BOS, a marker and
 # some text at least; at most what one llama.cpp context is sized for without surprises.
 MIN_SEQUENCE_TOKENS = 4
@@ -54,11 +59,6 @@ REMEDY = "re-convert the checkpoint with `lfm2edge convert`"
 class ModelKind(enum.StrEnum):
     DENSE = "dense"
     LATE_INTERACTION = "late_interaction"
-
-
-class Similarity(enum.StrEnum):
-    COSINE = "cosine"
-    MAXSIM = "maxsim"
 
 
 class Key:
@@ -76,7 +76,6 @@ class Key:
     ATTEND_TO_EXPANSION_TOKENS = NAMESPACE + "attend_to_expansion_tokens"
     EXPANSION_TOKEN_ID = NAMESPACE + "expansion_token_id"
     SKIPLIST_IDS = NAMESPACE + "skiplist_ids"
-    SIMILARITY = NAMESPACE + "similarity"
     NORMALIZE = NAMESPACE + "normalize"
     SOURCE = NAMESPACE + "source"
     ARCHITECTURE = NAMESPACE + "architecture"
@@ -103,7 +102,6 @@ class RetrievalSettings:
     attend_to_expansion_tokens: bool = False
     expansion_token_id: int = EOS_ID
     skiplist_ids: tuple[int, ...] = field(default_factory=tuple)
-    similarity: Similarity = Similarity.COSINE
     normalize: bool = True
     source: str = ""
 
@@ -131,7 +129,7 @@ def skiplist_ids_from_vocabulary(tokens: Sequence[str]) -> tuple[int, ...]:
 
 
 def embedding_defaults(source: str = "") -> RetrievalSettings:
-    """LFM2.5-Embedding-350M as published: prompts, 512 tokens, CLS, cosine."""
+    """LFM2.5-Embedding-350M as published: prompts, 512 tokens, CLS (scored by cosine)."""
     return RetrievalSettings(
         kind=ModelKind.DENSE,
         query_prefix="query: ",
@@ -140,13 +138,12 @@ def embedding_defaults(source: str = "") -> RetrievalSettings:
         document_prefix_id=None,
         query_length=512,
         document_length=512,
-        similarity=Similarity.COSINE,
         source=source,
     )
 
 
 def colbert_defaults(source: str = "") -> RetrievalSettings:
-    """LFM2.5-ColBERT-350M as published (PyLate): [Q]/[D] markers, 32/512 tokens, MaxSim."""
+    """LFM2.5-ColBERT-350M as published (PyLate): [Q]/[D] markers, 32/512 tokens (scored by MaxSim)."""
     return RetrievalSettings(
         kind=ModelKind.LATE_INTERACTION,
         query_prefix="[Q] ",
@@ -159,7 +156,6 @@ def colbert_defaults(source: str = "") -> RetrievalSettings:
         attend_to_expansion_tokens=False,
         expansion_token_id=EOS_ID,
         skiplist_ids=default_skiplist_ids(),
-        similarity=Similarity.MAXSIM,
         source=source,
     )
 
@@ -213,7 +209,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(Key.EXPANSION_TOKEN_ID, GGUFType.INT32, low=0, high=_I32_MAX, token_id=True),
     # an empty skiplist is not written (GGUF arrays are not empty): absent means none
     Setting(Key.SKIPLIST_IDS, GGUFType.ARRAY, required=False, low=0, high=_I32_MAX, token_id=True),
-    Setting(Key.SIMILARITY, GGUFType.STRING, choices=tuple(s.value for s in Similarity)),
     Setting(Key.NORMALIZE, GGUFType.BOOL),
     Setting(Key.SOURCE, GGUFType.STRING, required=False),
     Setting(Key.ARCHITECTURE, GGUFType.STRING, required=False),
@@ -243,7 +238,6 @@ def to_metadata(s: RetrievalSettings) -> dict[str, object]:
         Key.ATTEND_TO_EXPANSION_TOKENS: s.attend_to_expansion_tokens,
         Key.EXPANSION_TOKEN_ID: s.expansion_token_id,
         Key.SKIPLIST_IDS: s.skiplist_array(),
-        Key.SIMILARITY: s.similarity.value,
         Key.NORMALIZE: s.normalize,
         Key.SOURCE: s.source,
     }
@@ -275,9 +269,6 @@ def check_values(values: dict[str, object], n_vocab: int | None, n_ctx: int | No
             if int(values[key]) < 0:  # type: ignore[call-overload]
                 found.append(f"{key} is {values[key]}; a ColBERT model inserts this marker token, so it must "
                              "be a token id")
-    expected = Similarity.MAXSIM if kind == ModelKind.LATE_INTERACTION else Similarity.COSINE
-    if values[Key.SIMILARITY] != expected:
-        found.append(f"{Key.SIMILARITY} is {values[Key.SIMILARITY]!r}; a {kind} model scores with {expected.value!r}")
     return found
 
 
@@ -331,7 +322,6 @@ def from_metadata(
         attend_to_expansion_tokens=bool(meta[Key.ATTEND_TO_EXPANSION_TOKENS]),
         expansion_token_id=int(meta[Key.EXPANSION_TOKEN_ID]),  # type: ignore[call-overload]
         skiplist_ids=tuple(int(i) for i in np.asarray(meta.get(Key.SKIPLIST_IDS, ())).ravel()),
-        similarity=Similarity(str(meta[Key.SIMILARITY])),
         normalize=bool(meta[Key.NORMALIZE]),
         source=str(meta.get(Key.SOURCE, "")),
     )
