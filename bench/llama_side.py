@@ -38,16 +38,10 @@ class LlamaEngine:
         return len(e.tokenize((s.document_prefix + text).strip()))
 
     def prepared_query_length(self, text: str) -> int:
-        if self.colbert:
-            prepared = self.encoder.prepare_query(text)
-            # ids, or (ids, attention-key mask) where the runtime supports PyLate's key masking
-            return len(prepared[0] if isinstance(prepared, tuple) else prepared)
-        return min(self.query_length(text), self.encoder.settings.query_length)
+        return len(self.encoder.prepare_query(text))
 
     def prepared_document_length(self, text: str) -> int:
-        if self.colbert:
-            return len(self.encoder.prepare_document(text))
-        return min(self.document_length(text), self.encoder.settings.document_length)
+        return len(self.encoder.prepare_document(text))
 
     def encode_query(self, text: str) -> np.ndarray:
         return self.encoder.encode_query(text)

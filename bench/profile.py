@@ -316,14 +316,10 @@ def _prepare(encoder, kind: str, text: str) -> tuple[np.ndarray, np.ndarray | No
     """The token ids (and attention-key flags) the encoder decodes for this text."""
     from lfm2edge.runtime.core.encoders import ColBERTEncoder
 
-    if isinstance(encoder, ColBERTEncoder):
-        if kind == "query":
-            ids, keys = encoder.prepare_query(text)
-            return ids, keys if encoder.query_expansion == "pylate" else None
-        return encoder.prepare_document(text), None
-    s = encoder.settings
-    prefix, limit = (s.query_prefix, s.query_length) if kind == "query" else (s.document_prefix, s.document_length)
-    return encoder._prepare(text, prefix, limit), None
+    if isinstance(encoder, ColBERTEncoder) and kind == "query":
+        ids, keys = encoder.prepare_query_with_keys(text)
+        return ids, keys if encoder.query_expansion == "pylate" else None
+    return (encoder.prepare_query(text) if kind == "query" else encoder.prepare_document(text)), None
 
 
 class ForeignCpu:

@@ -54,10 +54,8 @@ def _cohere(client_class, url: str):
 
 def _decoded_tokens(enc, texts: list[str], side: str = "document") -> int:
     """What the encoder decodes for ``texts``: BOS, prompt and text, truncated."""
-    s = enc.settings
-    if side == "query":
-        return sum(len(enc._prepare(t, s.query_prefix, s.query_length)) for t in texts)
-    return sum(len(enc._prepare(t, s.document_prefix, s.document_length)) for t in texts)
+    prepare = enc.prepare_query if side == "query" else enc.prepare_document
+    return sum(len(prepare(t)) for t in texts)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -132,6 +132,8 @@ def _lifecycle_cases() -> list[Case]:
         "tokenize": 'enc.tokenize("t")',
         "rerank": 'enc.rerank("q", ["a", "b"])',
         "rerank empty": 'enc.rerank("q", [])',
+        "prepare_query": 'enc.prepare_query("x")',
+        "prepare_document": 'enc.prepare_document("x")',
     }
     for kind in KINDS:
         for name, call in calls.items():
@@ -157,9 +159,6 @@ def _lifecycle_cases() -> list[Case]:
             f'enc = fresh("{kind}")\n'
             'index = lfm2edge.Index.create(pathlib.Path(tempfile.mkdtemp()) / "ix", enc)\n'
             'enc.close()\nindex.add(["a document"])'), "Lfm2EdgeError", "closed"))
-    for what in ("prepare_query", "prepare_document"):
-        cases.append(Case(f"colbert: {what} after close", f'closed("colbert").{what}("x")',
-                          "EncoderClosedError", CLOSED_MATCH))
     cases.append(Case("colbert: close from inside a text's strip()", (
         'enc = fresh("colbert")\n'
         "class Closing(str):\n"
@@ -217,15 +216,14 @@ def _text_cases() -> list[Case]:
             "rerank document": f'{enc}.rerank("q", ["a", "b\\ud800"])',
             "rerank query, no documents": f'{enc}.rerank("q\\ud800", [])',
             "tokenize": f'{enc}.tokenize("a\\ud800")',
+            "prepare_query": f'{enc}.prepare_query("a\\ud800")',
+            "prepare_document": f'{enc}.prepare_document("a\\ud800")',
         }
         for name, call in calls.items():
             cases.append(Case(f"{kind}: surrogate in {name}", call, "InvalidInputError", SURROGATE))
         cases.append(Case(f"{kind}: rerank of one string, not a list", f'{enc}.rerank("q", "a document")',
                           "InvalidInputError", r"list of strings.*\[text\]"))
         cases.append(Case(f"{kind}: tokenize bytes", f'{enc}.tokenize(b"x")', "InvalidInputError", "bytes"))
-    for what in ("prepare_query", "prepare_document"):
-        cases.append(Case(f"colbert: surrogate in {what}", f'col.{what}("a\\ud800")', "InvalidInputError",
-                          SURROGATE))
     cases.append(Case("still encodes after refused texts", (
         'assert col.encode_query("fine").shape == (col.settings.query_length, col.dim)\n'
         'assert emb.encode_query("fine").shape == (emb.dim,)'), None))

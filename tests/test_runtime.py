@@ -137,7 +137,7 @@ def test_skiplist_tokens_are_dropped_from_documents(colbert_encoder):
 
 def test_query_layout(colbert_encoder):
     s = colbert_encoder.settings
-    ids, keys = colbert_encoder.prepare_query("short query")
+    ids, keys = colbert_encoder.prepare_query_with_keys("short query")
     assert ids[0] == colbert_encoder.tokenize("x")[0]  # BOS
     assert ids[1] == s.query_prefix_id
     assert len(ids) == s.query_length and ids[-1] == s.expansion_token_id
@@ -149,6 +149,32 @@ def test_query_layout(colbert_encoder):
 
 
 # --- batch invariance and threads -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["colbert", "embedding"])
+def test_prepare_gives_the_ids_that_encode_decodes(kind, request, monkeypatch):
+    enc = request.getfixturevalue(f"{kind}_encoder")
+    decoded: list[np.ndarray] = []
+    decode_all = enc._decode_all
+
+    def spy(sequences, *args, **kwargs):
+        decoded.extend(sequences)
+        return decode_all(sequences, *args, **kwargs)
+
+    monkeypatch.setattr(enc, "_decode_all", spy)
+    texts = ["short", "  spaces around  ", "word " * 2000]  # the last is truncated
+    s = enc.settings
+    for side, length in (("query", s.query_length), ("document", s.document_length)):
+        decoded.clear()
+        getattr(enc, f"encode_{side}")(texts)
+        prepared = [getattr(enc, f"prepare_{side}")(t) for t in texts]
+        assert len(decoded) == len(prepared)
+        assert all(np.array_equal(a, b) and b.dtype == np.int32 for a, b in zip(decoded, prepared, strict=True))
+        assert len(prepared[2]) == length and prepared[0][0] == enc.tokenize("x")[0]  # truncated; BOS first
+    assert np.array_equal(enc.prepare_query("short"), enc.prepare_query("short \n"))  # stripped, as encoded
+    if kind == "colbert":
+        ids, keys = enc.prepare_query_with_keys("short")
+        assert np.array_equal(ids, enc.prepare_query("short")) and len(keys) == len(ids)
 
 
 def test_outputs_are_batch_invariant(colbert_encoder, sample):

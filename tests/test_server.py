@@ -185,12 +185,12 @@ def test_openai_embeddings(dense_server, colbert_server, dense):
 def test_openai_usage_counts_the_tokens_decoded(dense_server, dense):
     s = dense.settings
     texts = [DOCS[0], "short", "word " * 2000]  # the last is truncated at the document length
-    decoded = [len(dense._prepare(t, s.document_prefix, s.document_length)) for t in texts]
+    decoded = [len(dense.prepare_document(t)) for t in texts]
     assert decoded[2] == s.document_length and decoded[1] > len(dense.tokenize("short"))  # prompt counted
     usage = dense_server.post("/v1/embeddings", {"input": texts}).json()["usage"]
     assert usage == {"prompt_tokens": sum(decoded), "total_tokens": sum(decoded)}
     query = dense_server.post("/v1/embeddings", {"input": "short", "input_type": "query"}).json()["usage"]
-    assert query["prompt_tokens"] == len(dense._prepare("short", s.query_prefix, s.query_length))
+    assert query["prompt_tokens"] == len(dense.prepare_query("short"))
 
 
 def test_openai_token_ids_are_the_text_they_spell(dense_server, colbert_server, dense):
@@ -272,7 +272,7 @@ def test_rerank_paths_meta_and_usage(colbert_server, colbert):
     docs = DOCS + QUERIES[:20]  # over 100 documents: two search units
     want = maxsim(colbert.encode_query(QUERIES[2]), colbert.encode_document(docs))
     assert want.max() > 1  # a MaxSim sum: raw scores are not relevance scores
-    tokens = len(colbert.prepare_query(QUERIES[2])[0]) + sum(len(colbert.prepare_document(d)) for d in docs)
+    tokens = len(colbert.prepare_query(QUERIES[2])) + sum(len(colbert.prepare_document(d)) for d in docs)
     answers = {}
     for path, version in (("/rerank", "1"), ("/v1/rerank", "1"), ("/v2/rerank", "2")):
         r = colbert_server.post(path, {"query": QUERIES[2], "documents": docs, "model": "rerank-v3.5"})

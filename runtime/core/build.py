@@ -42,8 +42,9 @@ class BuildInfo:
     @property
     def bf16_on_amx(self) -> bool:
         """Whether bf16 GGUFs run on AMX tiles: patch llama.cpp/0004, built with AMX-BF16 (build.py
-        turns it on only where the CPU has it)."""
-        return self.amx and self.has_patch("amx-bf16") and "-DGGML_AMX_BF16=ON" in self.cmake_args
+        turns it on only where the CPU has it; a release wheel's CPU library reports it when loaded)."""
+        built = "-DGGML_AMX_BF16=ON" in self.cmake_args or "AMX_BF16 = 1" in self.system_info
+        return self.amx and self.has_patch("amx-bf16") and built
 
     def fastest_type(self) -> str:
         """The GGUF type to convert to for speed on this build: bf16 where it runs on AMX, else q8_0."""

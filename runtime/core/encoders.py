@@ -4,7 +4,9 @@
 take a string (one result) or a list of strings (a float32 array [n, d] for dense models, a
 list of float32 arrays [tokens_i, d] for ColBERT). Texts are prepared exactly as
 sentence-transformers (dense: prompt, strip, BOS, CLS) and PyLate (ColBERT: [Q]/[D] marker
-after BOS, EOS padding of queries, skiplist of standalone punctuation in documents) prepare them.
+after BOS, EOS padding of queries, skiplist of standalone punctuation in documents) prepare them;
+``prepare_query`` / ``prepare_document`` return the token ids one text is decoded as (prompt or
+marker, truncation and padding included), on both encoders.
 
 Thread safety: each encoder owns one llama.cpp context guarded by a lock, so calls from
 several threads are safe; their decodes run one at a time (llama.cpp already uses every
@@ -218,15 +220,26 @@ class DenseEncoder(Encoder):
 
     kind = ModelKind.DENSE
 
-    def _prepare(self, text: str, prefix: str, limit: int) -> np.ndarray:
-        # sentence-transformers prepends the prompt, then strips the whole string.
-        return self.tokenize((prefix + text).strip())[:limit]
+    def prepare_query(self, text: str) -> np.ndarray:
+        """Query ids as decoded: BOS, the query prompt and the text, truncated to query_length."""
+        s = self.settings
+        return self._prepare(check_text(text, "query"), s.query_prefix, s.query_length)
 
-    def _encode(self, texts, prefix: str, limit: int, batch_size: int, show_progress_bar: bool, normalize: bool | None):
+    def prepare_document(self, text: str) -> np.ndarray:
+        """Document ids as decoded: BOS, the document prompt and the text, truncated to document_length."""
+        s = self.settings
+        return self._prepare(check_text(text, "document"), s.document_prefix, s.document_length)
+
+    def _prepare(self, text: str, prompt: str, limit: int) -> np.ndarray:
+        # sentence-transformers prepends the prompt, then strips the whole string.
+        return self.tokenize((prompt + text).strip())[:limit].astype(np.int32)
+
+    def _encode(self, texts, side: str, batch_size: int, show_progress_bar: bool, normalize: bool | None):
         items, single = self._start(texts, batch_size)
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
-        sequences = [self._prepare(t, prefix, limit) for t in items]
+        prepare = self.prepare_query if side == "query" else self.prepare_document
+        sequences = [prepare(t) for t in items]
         vectors = np.stack(self._decode_all(sequences, batch_size, show_progress_bar)).astype(np.float32)
         if self.settings.normalize if normalize is None else normalize:
             vectors = normalize_rows(vectors)
@@ -234,12 +247,10 @@ class DenseEncoder(Encoder):
 
     def encode_query(self, texts, batch_size: int = 32, show_progress_bar: bool = False, normalize: bool | None = None):
         """[n, d] float32 (or [d] for one string); ``normalize=False`` returns the raw CLS vectors."""
-        s = self.settings
-        return self._encode(texts, s.query_prefix, s.query_length, batch_size, show_progress_bar, normalize)
+        return self._encode(texts, "query", batch_size, show_progress_bar, normalize)
 
     def encode_document(self, texts, batch_size: int = 32, show_progress_bar: bool = False, normalize: bool | None = None):
-        s = self.settings
-        return self._encode(texts, s.document_prefix, s.document_length, batch_size, show_progress_bar, normalize)
+        return self._encode(texts, "document", batch_size, show_progress_bar, normalize)
 
     def similarity(self, query: np.ndarray, documents: np.ndarray) -> np.ndarray:
         """Cosine scores of one query vector against [n, d] document vectors."""
@@ -295,8 +306,12 @@ class ColBERTEncoder(Encoder):
         # PyLate's 32 query vectors with the pads attended (classic ColBERT query augmentation).
         return "pylate" if self.key_mask_supported else "attended"
 
-    def prepare_query(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """Query ids (BOS, [Q], text truncated, expansion pads per the mode) and which are attention keys.
+    def prepare_query(self, text: str) -> np.ndarray:
+        """Query ids as decoded: BOS, [Q], the text truncated, expansion pads per the mode."""
+        return self.prepare_query_with_keys(text)[0]
+
+    def prepare_query_with_keys(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """The query ids and which of them are attention keys.
 
         In "pylate" mode the pads are in the sequence but not keys; otherwise every token is a key.
         """
@@ -320,7 +335,7 @@ class ColBERTEncoder(Encoder):
     def encode_query(self, texts, batch_size: int = 32, show_progress_bar: bool = False):
         """One [tokens, d] float32 array per text (query_length rows when expanded), rows L2-normalised."""
         items, single = self._start(texts, batch_size)
-        prepared = [self.prepare_query(t) for t in items]
+        prepared = [self.prepare_query_with_keys(t) for t in items]
         sequences = [ids for ids, _ in prepared]
         keys = [k for _, k in prepared] if self.query_expansion == "pylate" else None
         vectors = [self._finish(v) for v in self._decode_all(sequences, batch_size, show_progress_bar, keys)]

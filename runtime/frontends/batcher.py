@@ -24,7 +24,6 @@ from typing import Any, Literal
 import numpy as np
 
 from lfm2edge.runtime.core.errors import Lfm2EdgeError
-from lfm2edge.runtime.core.settings import ModelKind
 
 Side = Literal["query", "document"]
 
@@ -66,13 +65,8 @@ def _settle(future: Future, result: Any = None, error: BaseException | None = No
 def encoded_length(encoder, text: str, side: Side) -> int:
     """The tokens the encoder decodes for ``text`` (what usage fields report): BOS, the marker or prompt
     and the text, truncated at the side's length; a ColBERT query with its expansion pads."""
-    if encoder.kind is ModelKind.LATE_INTERACTION:
-        return len(encoder.prepare_query(text)[0] if side == "query" else encoder.prepare_document(text))
-    s = encoder.settings
-    prompt = s.query_prefix if side == "query" else s.document_prefix
-    length = s.query_length if side == "query" else s.document_length
-    # As DenseEncoder prepares a text (sentence-transformers): prompt prepended, stripped, truncated.
-    return min(len(encoder.tokenize((prompt + text).strip())), length)
+    prepare = encoder.prepare_query if side == "query" else encoder.prepare_document
+    return len(prepare(text))
 
 
 class Batcher:
