@@ -330,6 +330,10 @@ def test_documents_and_search(colbert_server, dense_server, colbert):
     assert_error(s.post("/search", {"query": "q", "top_k": 0}), 422, "top_k")
     assert_error(s.post("/search", {"query": "q", "top_k": 5000}), 400, "top_k")
     assert_error(s.post("/search", {"q": "missing"}), 422, "query")
+    odd = s.post("/search", {"query": QUERIES[0], "top_k": 10, "where": {"n": [1, 3, 5, 7, 9]}}).json()["results"]
+    assert sorted(h["id"] for h in odd) == ["doc-3", "doc-5", "doc-7", "doc-9"]  # doc-1 was replaced, no metadata
+    assert_error(s.post("/search", {"query": "q", "where": {"n": 1.5}}), 400, "float")
+    assert_error(s.post("/search", {"query": "q", "where": [1]}), 422, "where")
 
     gone = s.client.request("DELETE", "/documents", json={"ids": ["doc-8", "doc-9"]})
     assert gone.json() == {"deleted": 2, "documents": 8}
