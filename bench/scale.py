@@ -222,8 +222,13 @@ def run_size(args, documents: int, tokens: int, identity: str, texts: list[str])
         indexes[f"qdrant c={c}"], candidates[f"qdrant c={c}"] = qdrant, c
     queries, _ = catalog.queries(args.queries, seed=1)
     t = time.perf_counter()
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:  # its memory is not the search's
-        truth = pool.submit(exact_top, catalog, queries).result()
+    cached = args.work / f"truth-{documents}x{tokens}-seed{args.seed}-{args.queries}.json"
+    if cached.is_file():
+        truth = [set(ids) for ids in json.loads(cached.read_text())]
+    else:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:  # its memory is not the search's
+            truth = pool.submit(exact_top, catalog, queries).result()
+        cached.write_text(json.dumps([sorted(ids) for ids in truth]))
     truth_s = time.perf_counter() - t
     busy0, t0 = system_busy_seconds(), time.perf_counter()
     sides = measure(args.model, indexes, candidates, queries, truth, texts, documents, tokens, args.rounds)

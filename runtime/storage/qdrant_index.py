@@ -64,7 +64,7 @@ FORMAT_VERSION = 1
 DEFAULT_COLLECTION = "lfm2edge"
 # Documents the HNSW stage hands to MaxSim. bench/scale.py measures recall@10 against exact search
 # for this value on catalog-like data; raise it per search for more recall, lower it for speed.
-DEFAULT_CANDIDATES = 256
+DEFAULT_CANDIDATES = 512
 MAX_CANDIDATES = 100_000
 # HNSW's search breadth (ef) per candidate asked for: looking beyond the candidates kept makes it
 # return the true nearest ones more often (bench/scale.py).
