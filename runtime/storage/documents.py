@@ -235,3 +235,42 @@ def document_vectors(vectors: object, n: int, late: bool, dim: int) -> list[np.n
             raise InvalidInputError(f"vectors {i} must be a finite, non-empty {want} array, got shape {a.shape}")
         out.append(a)
     return out
+
+
+ON_DUPLICATE: tuple[str, ...] = ("error", "skip", "replace")
+
+
+def check_add_options(on_duplicate: object, commit_every: object) -> None:
+    """The options ``add`` and ``add_vectors`` share, on either engine."""
+    if on_duplicate not in ON_DUPLICATE:
+        raise InvalidInputError(f"on_duplicate must be one of {ON_DUPLICATE}, not {on_duplicate!r}")
+    if isinstance(commit_every, bool) or not isinstance(commit_every, int) or commit_every < 1:
+        raise InvalidInputError(f"commit_every must be a positive integer, got {commit_every!r}")
+
+
+def vectors_to_add(
+    vectors: object, texts: object, metadata: object, late: bool, dim: int
+) -> tuple[list[np.ndarray], list[str | None], list[dict | None]]:
+    """``add_vectors``' input, checked: the vectors as float32 arrays, a text (or None) and a metadata
+    dict (or None) per document."""
+    from lfm2edge.runtime.core.text import check_texts
+
+    n = len(vectors) if isinstance(vectors, (Sequence, np.ndarray)) else 0
+    vecs = document_vectors(vectors, n, late, dim)
+    text_list: list[str | None] = [None] * len(vecs)
+    if texts is not None:
+        text_list = list(check_texts(texts, "text")[0])
+        if len(text_list) != len(vecs):
+            raise InvalidInputError(f"got {len(vecs)} vectors but {len(text_list)} texts; pass one each")
+    return vecs, text_list, check_metadata(metadata, len(vecs))
+
+
+def encoder_for(encoder, what: str, opened_with: str):
+    """The index's encoder for ``what`` (adding, searching), or the typed error saying how to get one."""
+    if encoder is None:
+        raise InvalidInputError(f"{what} needs the model: open the index with {opened_with}")
+    try:
+        check_open_encoder(encoder)
+    except EncoderClosedError as e:
+        raise EncoderClosedError(f"{what} needs the model, but {e}") from None
+    return encoder

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from lfm2edge.runtime.core.errors import EncoderClosedError, InvalidInputError
+from lfm2edge.runtime.core.errors import InvalidInputError
 from lfm2edge.runtime.core.maxsim import PackedDocuments, kernel_path, maxsim, maxsim_blocked, normalize_rows
 from lfm2edge.runtime.core.progress import progress_bar
 from lfm2edge.runtime.core.settings import ModelKind
@@ -52,14 +52,16 @@ from lfm2edge.runtime.storage.documents import (
     IndexModelMismatchError,
     IndexSettings,
     StoredDocument,
+    check_add_options,
     check_id,
     check_ids,
     check_metadata,
     check_open_encoder,
-    document_vectors,
+    encoder_for,
     model_identity,
     query_array,
     query_list,
+    vectors_to_add,
 )
 from lfm2edge.runtime.storage.filters import Where, check_where, matches
 from lfm2edge.runtime.storage.index_storage import (
@@ -100,7 +102,6 @@ if TYPE_CHECKING:
     from lfm2edge.runtime.storage.qdrant_index import QdrantIndex
 
 OnDuplicate = Literal["error", "skip", "replace"]
-ON_DUPLICATE: tuple[str, ...] = ("error", "skip", "replace")
 # Merge the MERGE_WIDTH smallest segments once there are more than MAX_SEGMENTS: a log-structured
 # policy, so many small commits stay cheap to search and each vector is rewritten O(log n) times.
 MAX_SEGMENTS = 16
@@ -416,13 +417,7 @@ class Index:
 
     def _need_encoder(self, what: str):
         self._need_open()
-        if self.encoder is None:
-            raise InvalidInputError(f"{what} needs the model: open the index with Index.open(path, encoder)")
-        try:
-            check_open_encoder(self.encoder)
-        except EncoderClosedError as e:
-            raise EncoderClosedError(f"{what} needs the model, but {e}") from None
-        return self.encoder
+        return encoder_for(self.encoder, what, "Index.open(path, encoder)")
 
     def add(
         self,
@@ -466,14 +461,7 @@ class Index:
         stored for the hits when given."""
         self._need_open()
         s = self.settings
-        n = len(vectors) if isinstance(vectors, (Sequence, np.ndarray)) else -1
-        vecs = document_vectors(vectors, max(n, 0), s.kind is ModelKind.LATE_INTERACTION, s.dim)
-        text_list: list[str | None] = [None] * len(vecs)
-        if texts is not None:
-            text_list = list(check_texts(texts, "text")[0])
-            if len(text_list) != len(vecs):
-                raise InvalidInputError(f"got {len(vecs)} vectors but {len(text_list)} texts; pass one each")
-        metas = check_metadata(metadata, len(vecs))
+        vecs, text_list, metas = vectors_to_add(vectors, texts, metadata, s.kind is ModelKind.LATE_INTERACTION, s.dim)
         return self._add(
             len(vecs), ids, text_list, metas, lambda rows: [vecs[r] for r in rows], on_duplicate, commit_every
         )
@@ -491,10 +479,7 @@ class Index:
     ) -> list[str]:
         """Store ``n`` documents in commits of ``commit_every``; ``vectors_of`` gives the vectors of the
         positions being committed (encoding them, for ``add``), so skipped ids are never encoded."""
-        if on_duplicate not in ON_DUPLICATE:
-            raise InvalidInputError(f"on_duplicate must be one of {ON_DUPLICATE}, not {on_duplicate!r}")
-        if isinstance(commit_every, bool) or not isinstance(commit_every, int) or commit_every < 1:
-            raise InvalidInputError(f"commit_every must be a positive integer, got {commit_every!r}")
+        check_add_options(on_duplicate, commit_every)
         if ids is not None:
             check_ids(ids, n)  # before any work; checked again with the index under the writer lock
         id_list: list[str] = []

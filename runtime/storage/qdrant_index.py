@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 
-from lfm2edge.runtime.core.errors import EncoderClosedError, InvalidInputError
+from lfm2edge.runtime.core.errors import InvalidInputError
 from lfm2edge.runtime.core.maxsim import normalize_rows
 from lfm2edge.runtime.core.progress import progress_bar
 from lfm2edge.runtime.core.settings import ModelKind
@@ -38,14 +38,16 @@ from lfm2edge.runtime.storage.documents import (
     IndexModelMismatchError,
     IndexSettings,
     StoredDocument,
+    check_add_options,
     check_id,
     check_ids,
     check_metadata,
     check_open_encoder,
-    document_vectors,
+    encoder_for,
     model_identity,
     query_array,
     query_list,
+    vectors_to_add,
 )
 from lfm2edge.runtime.storage.filters import check_where
 from lfm2edge.runtime.storage.qdrant_engines import (
@@ -69,7 +71,6 @@ MAX_CANDIDATES = 100_000
 # HNSW's search breadth (ef) per candidate asked for: looking beyond the candidates kept makes it
 # return the true nearest ones more often (bench/scale.py).
 HNSW_EF_PER_CANDIDATE = 2
-ON_DUPLICATE: tuple[str, ...] = ("error", "skip", "replace")
 
 
 def is_location_url(location: object) -> bool:
@@ -256,13 +257,7 @@ class QdrantIndex:
 
     def _need_encoder(self, what: str):
         self._need_open()
-        if self.encoder is None:
-            raise InvalidInputError(f"{what} needs the model: Index.open(location, lfm2edge.load(model_path))")
-        try:
-            check_open_encoder(self.encoder)
-        except EncoderClosedError as e:
-            raise EncoderClosedError(f"{what} needs the model, but {e}") from None
-        return self.encoder
+        return encoder_for(self.encoder, what, "Index.open(location, lfm2edge.load(model_path))")
 
     # -- writing ------------------------------------------------------------------------------------------
 
@@ -300,23 +295,13 @@ class QdrantIndex:
     ) -> list[str]:
         """Store documents encoded elsewhere by this index's model, as the exact index's ``add_vectors``."""
         self._need_open()
-        n = len(vectors) if isinstance(vectors, (Sequence, np.ndarray)) else 0
-        vecs = document_vectors(vectors, n, self._layout.late, self._layout.dim)
-        text_list: list[str | None] = [None] * len(vecs)
-        if texts is not None:
-            text_list = list(check_texts(texts, "text")[0])
-            if len(text_list) != len(vecs):
-                raise InvalidInputError(f"got {len(vecs)} vectors but {len(text_list)} texts; pass one each")
-        metas = check_metadata(metadata, len(vecs))
+        vecs, text_list, metas = vectors_to_add(vectors, texts, metadata, self._layout.late, self._layout.dim)
         return self._add(
             len(vecs), ids, text_list, metas, lambda rows: [vecs[r] for r in rows], on_duplicate, commit_every
         )
 
     def _add(self, n, ids, texts, metas, vectors_of, on_duplicate, commit_every, show_progress_bar=False):
-        if on_duplicate not in ON_DUPLICATE:
-            raise InvalidInputError(f"on_duplicate must be one of {ON_DUPLICATE}, not {on_duplicate!r}")
-        if isinstance(commit_every, bool) or not isinstance(commit_every, int) or commit_every < 1:
-            raise InvalidInputError(f"commit_every must be a positive integer, got {commit_every!r}")
+        check_add_options(on_duplicate, commit_every)
         if ids is None:
             id_list = [uuid.uuid4().hex for _ in range(n)]
         else:
