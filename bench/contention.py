@@ -1,4 +1,4 @@
-"""Thread policies under contention, interleaved call by call: ``python -m lfm2edge.bench.contention GGUF``.
+"""Sides interleaved call by call, quiet and under contention: ``python -m lfm2edge.bench.contention GGUF...``.
 
 The main bench measures sides one after another; a VM whose speed drifts by 2x between minutes
 makes the busy/quiet ratio of one side hard to compare with another's. Here every side lives in its
@@ -9,7 +9,8 @@ Every call follows an idle gap, as a person's queries do.
 Sides (``--sides``): ``adaptive`` (lfm2edge's default: threads follow the CPU other processes leave),
 ``fixed`` (all threads, every decode), ``fixed-nospin`` (the same with ``GOMP_SPINCOUNT=0``), ``one``
 (one thread), and ``openvino`` (its default precision, from ``--openvino MODEL.xml`` exported by
-``lfm2edge bench --peers openvino``, with ``--checkpoint``).
+``lfm2edge bench --peers openvino``, with ``--checkpoint``). Given several GGUFs (formats of one
+checkpoint), every thread policy runs each of them, as "<policy> <file name>".
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ SIDES = ("adaptive", "fixed", "fixed-nospin", "one", "openvino")
 
 @dataclass(frozen=True)
 class SideConfig:
-    name: str
+    name: str  # the label; for llama.cpp sides "<policy>" or "<policy> <file name>"
     gguf: str
     threads: int
     openvino: str | None = None
@@ -47,8 +48,9 @@ def _side_env(name: str) -> dict[str, str]:
 
 def _worker(config: SideConfig, conn) -> None:
     """One side's process: load, answer "ready", then time each text it is sent."""
-    os.environ.update(_side_env(config.name))
-    if config.name == "openvino":
+    policy = config.name.split()[0]
+    os.environ.update(_side_env(policy))
+    if policy == "openvino":
         from lfm2edge.bench.peer_side import GraphEngine, openvino_graph
 
         run_graph, _ = openvino_graph(Path(config.openvino), "default", config.threads)
@@ -59,8 +61,8 @@ def _worker(config: SideConfig, conn) -> None:
     else:
         import lfm2edge
 
-        enc = lfm2edge.load(config.gguf, n_threads=1 if config.name == "one" else config.threads,
-                            adaptive_threads=config.name == "adaptive")
+        enc = lfm2edge.load(config.gguf, n_threads=1 if policy == "one" else config.threads,
+                            adaptive_threads=policy == "adaptive")
 
         def encode(kind: str, text: str) -> None:
             enc.encode_query(text) if kind == "query" else enc.encode_document(text)
@@ -136,6 +138,20 @@ def run(configs: list[SideConfig], rounds: int, doc_rounds: int, gap_s: float, s
             "sides": summaries}
 
 
+def side_configs(policies: list[str], ggufs: list[str], threads: int, openvino: str | None = None,
+                 checkpoint: str | None = None) -> list[SideConfig]:
+    """Every llama.cpp policy over every GGUF (named by file when there are several), then OpenVINO;
+    the first GGUF's tokenizer counts the texts."""
+    configs = []
+    for policy in policies:
+        if policy == "openvino":
+            configs.append(SideConfig(policy, ggufs[0], threads, openvino, checkpoint))
+        else:
+            configs += [SideConfig(policy if len(ggufs) == 1 else f"{policy} {Path(g).name}", g, threads)
+                        for g in ggufs]
+    return configs
+
+
 def _cpu(pid: int) -> float:
     """CPU seconds of a process so far (its threads and reaped children), from /proc."""
     try:
@@ -150,7 +166,8 @@ def print_table(result: dict) -> None:
     print(f"gap {result['gap_s']} s, {result['rounds']} query rounds, {result['doc_rounds']} document rounds; "
           f"other processes' CPU share per phase (the busy phases' own competing process counts as other): "
           + ", ".join(f"{k} {v:.0%}" for k, v in result["other_cpu_share"].items() if v is not None))
-    print(f"{'side':<14}" + "".join(f"{lab + ' p50/p95':>26}" for lab in labels) + f"{'busy/quiet q p50/p95':>24}")
+    width = max(14, *(len(n) + 2 for n in result["sides"]))
+    print(f"{'side':<{width}}" + "".join(f"{lab + ' p50/p95':>26}" for lab in labels) + f"{'busy/quiet q p50/p95':>24}")
     for name, by in result["sides"].items():
         cells = []
         for lab in labels:
@@ -158,12 +175,12 @@ def print_table(result: dict) -> None:
             cells.append(f"{s['p50_ms']:>12.1f} / {s['p95_ms']:<10.1f}" if s else f"{'-':>26}")
         q, b = by.get("query quiet"), by.get("query busy")
         ratio = f"{b['p50_ms'] / q['p50_ms']:.2f} / {b['p95_ms'] / q['p95_ms']:.2f}" if q and b else "-"
-        print(f"{name:<14}" + "".join(cells) + f"{ratio:>24}")
+        print(f"{name:<{width}}" + "".join(cells) + f"{ratio:>24}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("gguf")
+    ap.add_argument("gguf", nargs="+", help="one or more GGUFs of the same checkpoint")
     ap.add_argument("--sides", default="adaptive,fixed,fixed-nospin,one")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--openvino", help="an OpenVINO IR (model.xml) of the same checkpoint")
@@ -178,7 +195,7 @@ def main() -> None:
     unknown = [n for n in names if n not in SIDES]
     if unknown or ("openvino" in names and not (args.openvino and args.checkpoint)):
         ap.error(f"sides are among {', '.join(SIDES)}; openvino needs --openvino and --checkpoint")
-    configs = [SideConfig(n, args.gguf, args.threads, args.openvino, args.checkpoint) for n in names]
+    configs = side_configs(names, args.gguf, args.threads, args.openvino, args.checkpoint)
     result = run(configs, args.rounds, args.doc_rounds, args.gap, args.seed)
     print_table(result)
     if args.json:

@@ -46,7 +46,8 @@ from lfm2edge.bench.worker import child_main
 
 TORCH_DTYPES = ("fp32", "bf16")
 # GGUF types whose matmuls ggml's AMX buffer runs on AMX tiles (amx/common.h qtype_has_amx_kernels; q4_k_m
-# and q5_k_m are mostly Q4_K/Q5_K with Q6_K tensors), plus bf16 with lfm2edge's patch llama.cpp/0004.
+# and q5_k_m are mostly Q4_K/Q5_K with Q6_K tensors; q8_0 on the bf16 tiles with lfm2edge's patch
+# llama.cpp/0006), plus bf16 with lfm2edge's patch llama.cpp/0004.
 # f16 weights go to the AMX buffer too but run AVX-512 kernels there, so no default AMX-off side for f16.
 AMX_QUANTIZED_FORMATS = ("q4_0", "q4_1", "q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "iq4_xs")
 

@@ -273,13 +273,20 @@ def test_amx_off_sides_by_default_only_where_amx_runs(monkeypatch):
     assert formats(False, amx=True) == plain
 
 
-def test_contention_interleaves_sides_quiet_and_busy(colbert_gguf):
-    """bench.contention: each side answers every round of every phase, and the busy phases see the other load."""
-    from lfm2edge.bench.contention import SideConfig, run
+def test_contention_interleaves_sides_quiet_and_busy(colbert_gguf, tmp_path):
+    """bench.contention: every policy runs every GGUF, each side answers every round of every phase, and the
+    busy phases see the other load."""
+    import shutil
 
-    configs = [SideConfig(name, str(colbert_gguf), 2) for name in ("adaptive", "one")]
+    from lfm2edge.bench.contention import run, side_configs
+
+    other = shutil.copy(colbert_gguf, tmp_path / "other.gguf")
+    configs = side_configs(["adaptive", "one"], [str(colbert_gguf), str(other)], 2)
+    assert [(c.name, c.gguf) for c in configs] == [
+        (f"adaptive {colbert_gguf.name}", str(colbert_gguf)), ("adaptive other.gguf", str(other)),
+        (f"one {colbert_gguf.name}", str(colbert_gguf)), ("one other.gguf", str(other))]
     result = run(configs, rounds=3, doc_rounds=1, gap_s=0.01, seed=0)
-    assert set(result["sides"]) == {"adaptive", "one"}
+    assert set(result["sides"]) == {c.name for c in configs}
     for phases in result["sides"].values():
         assert {p: s["n"] for p, s in phases.items()} == {
             "query quiet": 3, "query busy": 3, "document quiet": 1, "document busy": 1}
