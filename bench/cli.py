@@ -116,6 +116,10 @@ def bench(
         show_default=False)] = None,
     busy: Annotated[bool, typer.Option(
         "--busy/--no-busy", help="measure the busy regimes: another process keeps one core busy")] = True,
+    passes: Annotated[int | None, typer.Option(
+        "--passes", help="passes over the sides, in alternating order (forward, backward, ...), whose samples "
+                         "join: a machine that speeds up or slows down during the run then weighs on every side "
+                         "alike (default 2; 1 with --quick)", show_default=False)] = None,
 ) -> None:
     """Benchmark the retrievers: p50/p95/p99 per regime, throughput, load time, memory and fidelity,
     with the PyTorch reference (fp32, bf16) measured side by side in the same run.
@@ -137,6 +141,8 @@ def bench(
         raise InvalidInputError(f"--threads must be at least 1, got {threads}")
     if quick and model is not None:
         raise InvalidInputError("--quick measures its own tiny model; leave MODEL out")
+    if passes is not None and not 1 <= passes <= 10:
+        raise InvalidInputError(f"--passes must be between 1 and 10, got {passes}")
     from lfm2edge.bench.peer_side import parse_peers
 
     plan = make_plan(quick, docs, k, batch_sizes, budget, min_runs, seed)
@@ -158,6 +164,7 @@ def bench(
         stock_python=stock_python,
         amx_off_side=amx_off_side,
         peers=parse_peers(peers),
+        passes=passes or (1 if quick else 2),
         cache_dir=(cache_dir or default_cache_dir()).expanduser(),
         command=" ".join(["lfm2edge", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "lfm2edge bench",
     )

@@ -162,6 +162,27 @@ class SideResult:
         return busy.summary.p50_ms / quiet.summary.p50_ms, busy.summary.p95_ms / quiet.summary.p95_ms
 
 
+def merge_passes(passes: list[SideResult]) -> SideResult:
+    """One side measured in several passes of a run (whose side order alternates between passes, so that a
+    machine that drifts weighs on every side alike): each figure's samples joined in pass order, its summary
+    and the best document batch size recomputed; load time, first call, memory and details from the first
+    pass; CPU and wall time summed; the largest share other processes took."""
+    first = passes[0]
+    figures = []
+    for fig in first.figures:
+        samples = np.concatenate([f.samples_ms for r in passes for f in r.figures if f.key == fig.key])
+        figures.append(dataclasses.replace(fig, samples_ms=samples, summary=Summary.of(samples / 1e3), best=False))
+    best = max((f for f in figures if f.regime == DOCUMENT_BATCH), key=lambda f: f.items_per_s or 0.0, default=None)
+    shares = [r.other_cpu_share for r in passes if r.other_cpu_share is not None]
+    return dataclasses.replace(
+        first,
+        figures=tuple(dataclasses.replace(f, best=True) if f is best else f for f in figures),
+        cpu_s=sum(r.cpu_s for r in passes),
+        wall_s=sum(r.wall_s for r in passes),
+        other_cpu_share=max(shares) if shares else None,
+    )
+
+
 @dataclass(frozen=True)
 class SideOutput:
     """What a side's process hands back: the result plus the vectors fidelity needs (not in the JSON)."""

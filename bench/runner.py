@@ -1,6 +1,8 @@
 """A whole bench run: prepare the models, measure each side in its own process, compare the sides.
 
-Sides run one after another, never concurrently. Per model: the llama.cpp formats first
+Sides run one after another, never concurrently, in ``passes`` passes whose order alternates (forward,
+backward, ...): a VM whose speed drifts during the run then weighs on every side alike, and each side's
+figures join its passes' samples. Per model, forward: the llama.cpp formats first
 (their ColBERT query-expansion mode is then mirrored by PyTorch), then the same files with
 llama.cpp's CPU extra buffer types off ("AMX off", where asked or by default on AMX machines),
 then the stock build's (``--stock-python``), then PyTorch fp32 (the fidelity reference) and
@@ -41,6 +43,7 @@ from lfm2edge.bench.results import (
     SideError,
     SideOutput,
     SideResult,
+    merge_passes,
 )
 from lfm2edge.bench.worker import child_main
 
@@ -89,6 +92,7 @@ class BenchConfig:
     # False never, None for the quantized formats AMX takes, where this machine and build run AMX.
     amx_off_side: bool | None = None
     peers: tuple[str, ...] = ()  # other CPU backends (peer_side.PEER_FORMATS), exported from the reference
+    passes: int = 1  # passes over the sides, in alternating order (see the module docstring)
 
 
 def torch_available() -> bool:
@@ -282,20 +286,30 @@ def with_fidelity(outputs: list[SideOutput], notes: list[str]) -> list[SideResul
 
 def run_model(model: artifacts.ModelSpec, config: BenchConfig, reporter: Reporter,
               notes: list[str]) -> ModelResult:
-    outputs: list[SideOutput] = []
-    errors: list[SideError] = []
+    specs = side_specs(model, config)
+    passes: dict[tuple[str, str], list[SideOutput]] = {(s.engine, s.format): [] for s in specs}
+    failed: dict[tuple[str, str], SideError] = {}
     expansion: str | None = None
-    for spec in side_specs(model, config):
-        if spec.engine != ENGINE_LLAMA:  # PyTorch and the peers mirror the llama.cpp side's expansion mode
-            spec = replace(spec, query_expansion=expansion)
-        out = run_side(spec, reporter)
-        if isinstance(out, SideError):
-            errors.append(out)
-            reporter.status(f"[red]{spec.model} {spec.engine} {spec.format} failed:[/red] {out.error.splitlines()[0]}")
-            continue
-        outputs.append(out)
-        if spec.engine == ENGINE_LLAMA and expansion is None:
-            expansion = out.result.query_expansion
+    for n in range(config.passes):
+        for spec in specs if n % 2 == 0 else specs[::-1]:
+            key = (spec.engine, spec.format)
+            if key in failed:
+                continue
+            if spec.engine != ENGINE_LLAMA:  # PyTorch and the peers mirror the llama.cpp side's expansion mode
+                spec = replace(spec, query_expansion=expansion)
+            out = run_side(spec, reporter)
+            if isinstance(out, SideError):
+                failed[key] = out
+                reporter.status(f"[red]{spec.model} {spec.engine} {spec.format} failed:[/red] "
+                                f"{out.error.splitlines()[0]}")
+                continue
+            passes[key].append(out)
+            if spec.engine == ENGINE_LLAMA and expansion is None:
+                expansion = out.result.query_expansion
+    errors = list(failed.values())
+    # a side that failed in any pass is reported as failed: its other passes saw a different machine
+    outputs = [SideOutput(merge_passes([o.result for o in outs]), outs[0].query_vectors, outs[0].document_vectors)
+               for key, outs in passes.items() if outs and key not in failed]
     sides = with_ratios(with_fidelity(outputs, notes))
     digests = {s.texts_digest for s in sides}
     if len(digests) > 1:
@@ -328,6 +342,10 @@ def standing_notes(config: BenchConfig, models: list[artifacts.ModelSpec], machi
         notes.append(f"Cached documents are random unit vectors [{p.document_tokens}, dim] in float16 "
                      "(MaxSim's cost depends on their shape only); MaxSim is lfm2edge's maxsim() on every side "
                      f"({maxsim_backend()}).")
+    if config.passes > 1:
+        notes.append(f"Every side ran {config.passes} times, one pass over the sides after another in alternating "
+                     "order (forward, then backward): each figure joins its passes' samples, so a machine that drifts "
+                     "during the run weighs on every side alike.")
     notes.append("llama.cpp runs exact (F32 K and V; flash attention over them where patch 0005 is built)" if config.exact else
                  "llama.cpp runs with flash attention on (about 1e-3 error per token)")
     if config.vs_torch:
@@ -360,7 +378,7 @@ def run_bench(config: BenchConfig, reporter: Reporter) -> BenchResult:
         config = prepare_peers(models, config, reporter)
     if config.vs_torch and not any(m.checkpoint for m in models):
         reporter.status("a GGUF without --reference: no PyTorch side, no ratios, no fidelity")
-    reporter.begin(sum(1 + len(figure_plan(s)) for m in models for s in side_specs(m, config)))
+    reporter.begin(config.passes * sum(1 + len(figure_plan(s)) for m in models for s in side_specs(m, config)))
     run_notes: list[str] = []
     results = [run_model(m, config, reporter, run_notes) for m in models]
     machine["load_average_end"] = load_average()
@@ -375,6 +393,7 @@ def run_bench(config: BenchConfig, reporter: Reporter) -> BenchResult:
         "quick": config.quick,
         "amx_off_side": config.amx_off_side,
         "peers": list(config.peers),
+        "passes": config.passes,
         "gap_s": p.gap_s,
         "busy": p.busy,
         "query_tokens": p.query_tokens,

@@ -110,6 +110,72 @@ def test_json_schema(quick_run):
 PEER_SIDES = {"onnxruntime fp32", "onnxruntime int8", "openvino default", "openvino f32", "openvino int8"}
 
 
+class RecordingReporter:
+    """A runner.Reporter that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+
+    def status(self, text: str) -> None:
+        pass
+
+    def begin(self, total: int) -> None:
+        pass
+
+    def step(self, text: str) -> None:
+        self.steps.append(text)
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+
+def test_passes_alternate_the_side_order_and_join_samples(colbert_gguf, tmp_path):
+    from lfm2edge.bench import runner
+    from lfm2edge.bench.cli import make_plan
+
+    plan = make_plan(True, None, 1, None, None, None, 0)
+    config = runner.BenchConfig(model=str(colbert_gguf), formats=None, reference=None, threads=2, plan=plan,
+                                vs_torch=False, quick=True, cache_dir=tmp_path, amx_off_side=True, passes=2)
+    reporter = RecordingReporter()
+    result = runner.run_bench(config, reporter)
+    (model,) = result.models
+    assert not model.errors and len(model.sides) == 2
+    first = [s.split(":")[0] for s in reporter.steps]
+    order = list(dict.fromkeys(first))  # each side's steps in the order the sides ran
+    runs = [first[0]] + [b for a, b in zip(first, first[1:], strict=False) if a != b]
+    assert runs == [order[0], order[1], order[0]]  # A B, then B A: the second side's two passes adjoin
+    assert first.count(order[0]) == first.count(order[1])
+    floor = min(p.floor_runs for p in (plan.policy, plan.throughput_policy, plan.maxsim_policy,
+                                        plan.interactive_policy, plan.busy_document_policy))
+    for side in model.sides:
+        for fig in side.figures:
+            assert fig.summary.n == len(fig.samples_ms) >= 2 * floor  # both passes' samples
+    assert any("alternating order" in n for n in result.notes)
+
+
+def test_merge_passes_recomputes_summaries_and_the_best_batch():
+    from lfm2edge.bench.results import DOCUMENT_BATCH, QUERY, Figure, Memory, SideResult, merge_passes
+
+    def side(query_ms, batch1_ms, batch4_ms, share):
+        def fig(regime, ms, batch=None, items=1):
+            ms = np.array(ms, dtype=np.float64)
+            return Figure(regime, Summary.of(ms / 1e3), ms, batch_size=batch, items_per_run=items)
+        figures = (fig(QUERY, query_ms), fig(DOCUMENT_BATCH, batch1_ms, 1), fig(DOCUMENT_BATCH, batch4_ms, 4, 4))
+        return SideResult("ColBERT", "late_interaction", "llama.cpp", "bf16", "m.gguf", 1, 2, 0.5, 10.0,
+                          Memory(1, 2, 3, 4), figures, "digest", 32, 256, None, True, cpu_s=1.0, wall_s=2.0,
+                          other_cpu_share=share)
+
+    fast = side([10.0, 12.0], [100.0, 100.0], [800.0, 800.0], 0.01)  # batch 1: 10 docs/s, batch 4: 5
+    slow = side([30.0, 40.0], [1000.0, 1000.0], [440.0, 440.0], None)  # the machine slowed down
+    merged = merge_passes([fast, slow])
+    query, batch1, batch4 = merged.figures
+    assert list(query.samples_ms) == [10.0, 12.0, 30.0, 40.0] and query.summary.n == 4
+    assert query.summary.p50_ms == pytest.approx(21.0)
+    assert batch1.items_per_s == pytest.approx(1 / 0.55) and batch4.items_per_s == pytest.approx(4 / 0.62)
+    assert (batch1.best, batch4.best) == (False, True)  # recomputed over both passes' samples
+    assert (merged.cpu_s, merged.wall_s, merged.other_cpu_share) == (2.0, 4.0, 0.01)
+
+
 def test_peers_run_the_reference_on_the_same_ids(quick_run):
     """ONNX Runtime and OpenVINO run graphs exported from the reference: at fp32 they agree with it."""
     data, _, output = quick_run
