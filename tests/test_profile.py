@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from .patch_support import require_patch
+
 
 @pytest.fixture(scope="module")
 def profiled(colbert_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
@@ -51,6 +53,19 @@ def test_rows_sum_to_the_node_by_node_total(profiled):
         assert layers[0] == "input" and layers[-1] == "output"
         assert {r["detail"] for r in case["by_layer"]} >= {"short conv", "attention"}
         assert case["normal_ms"] >= case["normal_decode_ms"] > 0 and case["node_decode_ms"] > 0
+
+
+def test_short_conv_runs_as_one_op_per_layer(profiled):
+    """Patch llama.cpp/0007: on the CPU each short-conv layer's elementwise chain is one op (the vectors are
+    checked against the reference by the runtime's parity tests)."""
+    require_patch("lfm2-short-conv-one-pass")
+    result, _ = profiled
+    for case in result["cases"]:
+        conv_layers = sum(r["detail"] == "short conv" for r in case["by_layer"])
+        ops = {r["key"]: r for r in case["by_op"]}
+        components = {r["key"]: r for r in case["by_component"]}
+        assert ops["CUSTOM"]["count"] == components["short conv (elementwise)"]["count"] == conv_layers > 0
+        assert "PAD" not in ops  # the chain pads; the one pass reads the neighbours in place
 
 
 def test_the_eval_callback_leaves_the_embeddings_unchanged(profiled):
