@@ -32,25 +32,28 @@ def _patched_paths(patch: Path) -> list[str]:
 
 
 def test_every_patch_has_a_header_and_applies_to_the_pinned_tree(builder, tmp_path):
+    """In series order, each onto the tree the patches before it left (as patches/build.py applies them:
+    0006 builds on 0004's kernel)."""
     sdist = builder.fetch_sdist(sys.executable)
     series = builder.patch_series(True, release=True)  # the release patches too
     assert series, "the series is empty"
     prefix = f"llama_cpp_python-{builder.VERSION}"
+    root = tmp_path / "tree"
     with tarfile.open(sdist) as tar:
         for target, patch in series:
-            text = patch.read_text()
-            header = text.split("\n--- ", 1)[0]
-            assert "What:" in header and "Why:" in header, f"{patch.name} needs a What/Why header"
-            root = tmp_path / patch.stem
             for path in _patched_paths(patch):
                 member = f"{prefix}/{target}/{path}".replace("/./", "/")
-                tar.extract(member, root, filter="data")
-            proc = subprocess.run(
-                ["patch", "-p1", "--dry-run", "--batch", "-d", str(root / prefix / target), "-i", str(patch)],
-                capture_output=True,
-                text=True,
-            )
-            assert proc.returncode == 0, f"{patch.name}: {proc.stdout}{proc.stderr}"
+                if not (root / member).exists():
+                    tar.extract(member, root, filter="data")
+    for target, patch in series:
+        header = patch.read_text().split("\n--- ", 1)[0]
+        assert "What:" in header and "Why:" in header, f"{patch.name} needs a What/Why header"
+        proc = subprocess.run(
+            ["patch", "-p1", "--forward", "--batch", "-d", str(root / prefix / target), "-i", str(patch)],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, f"{patch.name}: {proc.stdout}{proc.stderr}"
 
 
 def test_cache_key_follows_flags_and_patch_contents(builder, tmp_path):
