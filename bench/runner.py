@@ -307,7 +307,7 @@ def run_model(model: artifacts.ModelSpec, config: BenchConfig, reporter: Reporte
             if spec.engine == ENGINE_LLAMA and expansion is None:
                 expansion = out.result.query_expansion
     errors = list(failed.values())
-    # a side that failed in any pass is reported as failed: its other passes saw a different machine
+    # a side that failed in any pass is reported as failed, not with fewer passes than the sides it is compared with
     outputs = [SideOutput(merge_passes([o.result for o in outs]), outs[0].query_vectors, outs[0].document_vectors)
                for key, outs in passes.items() if outs and key not in failed]
     sides = with_ratios(with_fidelity(outputs, notes))

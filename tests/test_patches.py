@@ -128,8 +128,7 @@ def test_models_run_on_amx(outtype, bidirectional, tmp_path):
     if not info.amx:
         pytest.skip("this build has no AMX (the CPU lacks it, or the stock path was built)")
     if outtype == "bf16":
-        if "-DGGML_AMX_BF16=ON" not in info.cmake_args:
-            pytest.skip("this build has no AMX-BF16")
+        _require_amx_bf16()
         require_patch("amx-bf16-matmul")
     ckpt = _amx_sized_checkpoint(tmp_path, bidirectional)
     model, f32 = convert(ckpt, tmp_path / "m.gguf", outtype), convert(ckpt, tmp_path / "f32.gguf", "f32")
