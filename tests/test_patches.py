@@ -120,7 +120,9 @@ def _require_amx_bf16() -> None:
 )
 def test_models_run_on_amx(outtype, bidirectional, tmp_path):
     """AMX runs the matmuls, right: q8_0 (amx-tile-config patch: no SIGILL; on the bf16 tiles with the
-    amx-q8_0 patch) and bf16 on the AMX-BF16 kernel (amx-bf16-matmul patch)."""
+    amx-q8_0 patch) and bf16 on the AMX-BF16 kernel (amx-bf16-matmul patch), fed as the amx-bf16-tile-order
+    patch feeds it: activations in tile order, and at K = 4608 (the FFN's down projection) 32 weight panels
+    walked in groups of 3, the last one partial."""
     from lfm2edge.convert.pipeline import convert
     from lfm2edge.runtime.core.build import build_info
 
