@@ -180,3 +180,37 @@ def test_exact_mode_runs_flash_attention_over_f32(colbert_gguf, colbert_referenc
     worst_f16 = min(row_cosines(a, b).min() for a, b in zip(f16, theirs, strict=True))
     assert worst >= 0.99999
     assert worst_f16 < worst  # F16 K and V round; F32 do not
+
+
+HUGE_PAGES_CHILD = """
+import sys
+import lfm2edge
+with lfm2edge.load(sys.argv[1], n_threads=2) as enc:
+    enc.encode_document("a long enough document about many different things " * 12)
+    rollup = open("/proc/self/smaps_rollup").read().splitlines()
+print(next(int(line.split()[1]) for line in rollup if line.startswith("AnonHugePages:")))
+"""
+
+
+def _transparent_huge_pages() -> str | None:
+    """The kernel's THP mode (always, madvise or never), None where there is no such setting."""
+    try:
+        setting = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return setting[setting.index("[") + 1:setting.index("]")]
+
+
+def test_cpu_buffers_are_on_huge_pages(tmp_path):
+    """The cpu-buffers-on-huge-pages patch: the encoder's large CPU buffers ask for transparent huge pages.
+    Only where THP is in madvise mode: there nothing gets them unasked (with "always" everything does)."""
+    from lfm2edge.convert.pipeline import convert
+
+    if _transparent_huge_pages() != "madvise":
+        pytest.skip("transparent huge pages are not in madvise mode here")
+    require_patch("cpu-buffers-on-huge-pages")
+    model = convert(_amx_sized_checkpoint(tmp_path), tmp_path / "m.gguf", "f32")
+    proc = subprocess.run([sys.executable, "-c", HUGE_PAGES_CHILD, str(model)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-1500:]}"
+    assert int(proc.stdout.split()[-1]) >= 2048  # kB: at least one 2 MB page
