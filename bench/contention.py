@@ -10,7 +10,10 @@ Sides (``--sides``): ``adaptive`` (lfm2edge's default: threads follow the CPU ot
 ``fixed`` (all threads, every decode), ``fixed-nospin`` (the same with ``GOMP_SPINCOUNT=0``), ``one``
 (one thread), and ``openvino`` (its default precision, from ``--openvino MODEL.xml`` exported by
 ``lfm2edge bench --peers openvino``, with ``--checkpoint``). Given several GGUFs (formats of one
-checkpoint), every thread policy runs each of them, as "<policy> <file name>".
+checkpoint), every thread policy runs each of them, as "<policy> <file name>". Given ``--build NAME=DIR``
+(repeatable; DIR holds a llama.cpp build's libllama and libggml*, such as a copy of the installed
+``llama_cpp/lib`` or a CMake build's ``bin``), every llama.cpp side runs once per build, as "... @NAME":
+two builds of a patch compared call by call, which one process cannot hold.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class SideConfig:
     threads: int
     openvino: str | None = None
     checkpoint: str | None = None
+    build: str | None = None  # a folder with another llama.cpp build's libraries (LLAMA_CPP_LIB_PATH)
 
 
 def _side_env(name: str) -> dict[str, str]:
@@ -50,6 +54,8 @@ def _worker(config: SideConfig, conn) -> None:
     """One side's process: load, answer "ready", then time each text it is sent."""
     policy = config.name.split()[0]
     os.environ.update(_side_env(policy))
+    if config.build:
+        os.environ["LLAMA_CPP_LIB_PATH"] = config.build  # read when llama_cpp is first imported
     if policy == "openvino":
         from lfm2edge.bench.peer_side import GraphEngine, openvino_graph
 
@@ -68,12 +74,21 @@ def _worker(config: SideConfig, conn) -> None:
             enc.encode_query(text) if kind == "query" else enc.encode_document(text)
 
     encode("query", "a first query to warm up")
-    conn.send("ready")
+    conn.send(("ready", _loaded_library()))
     while (msg := conn.recv()) is not None:
         kind, text = msg
         t0 = time.perf_counter()
         encode(kind, text)
         conn.send(time.perf_counter() - t0)
+
+
+def _loaded_library() -> str | None:
+    """The libllama this process mapped (None for OpenVINO, or where /proc is absent)."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split()[-1] for line in maps if "/libllama.so" in line), None)
 
 
 def _texts(gguf: str, seed: int) -> tuple[list[str], list[str]]:
@@ -96,9 +111,12 @@ def run(configs: list[SideConfig], rounds: int, doc_rounds: int, gap_s: float, s
         proc = ctx.Process(target=_worker, args=(c, child), daemon=True)
         proc.start()
         sides[c.name] = (proc, parent)
+    libraries = {}
     for name, (_, conn) in sides.items():
-        if conn.recv() != "ready":
+        msg = conn.recv()
+        if not (isinstance(msg, tuple) and msg[0] == "ready"):
             raise RuntimeError(f"side {name} did not start")
+        libraries[name] = msg[1]
     rng = random.Random(seed)
     samples: dict[str, dict[str, list[float]]] = {n: {} for n in sides}
     other_share: dict[str, float | None] = {}
@@ -135,21 +153,31 @@ def run(configs: list[SideConfig], rounds: int, doc_rounds: int, gap_s: float, s
                 proc.kill()
     summaries = {n: {label: asdict(Summary.of(np.array(s))) for label, s in by.items()} for n, by in samples.items()}
     return {"gap_s": gap_s, "rounds": rounds, "doc_rounds": doc_rounds, "other_cpu_share": other_share,
-            "sides": summaries}
+            "libraries": libraries, "sides": summaries}
 
 
 def side_configs(policies: list[str], ggufs: list[str], threads: int, openvino: str | None = None,
-                 checkpoint: str | None = None) -> list[SideConfig]:
-    """Every llama.cpp policy over every GGUF (named by file when there are several), then OpenVINO;
-    the first GGUF's tokenizer counts the texts."""
+                 checkpoint: str | None = None, builds: dict[str, str] | None = None) -> list[SideConfig]:
+    """Every llama.cpp policy over every GGUF (named by file when there are several) and every build
+    (named "@NAME"; none given: the installed one), then OpenVINO; the first GGUF's tokenizer counts the texts."""
     configs = []
     for policy in policies:
         if policy == "openvino":
             configs.append(SideConfig(policy, ggufs[0], threads, openvino, checkpoint))
-        else:
-            configs += [SideConfig(policy if len(ggufs) == 1 else f"{policy} {Path(g).name}", g, threads)
-                        for g in ggufs]
+            continue
+        for g in ggufs:
+            name = policy if len(ggufs) == 1 else f"{policy} {Path(g).name}"
+            if not builds:
+                configs.append(SideConfig(name, g, threads))
+            configs += [SideConfig(f"{name} @{b}", g, threads, build=d) for b, d in (builds or {}).items()]
     return configs
+
+
+def _build_arg(value: str) -> tuple[str, str]:
+    name, sep, folder = value.partition("=")
+    if not (sep and name and Path(folder).is_dir()):
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, DIR a folder of llama.cpp libraries; got {value!r}")
+    return name, str(Path(folder).resolve())
 
 
 def _cpu(pid: int) -> float:
@@ -166,6 +194,8 @@ def print_table(result: dict) -> None:
     print(f"gap {result['gap_s']} s, {result['rounds']} query rounds, {result['doc_rounds']} document rounds; "
           f"other processes' CPU share per phase (the busy phases' own competing process counts as other): "
           + ", ".join(f"{k} {v:.0%}" for k, v in result["other_cpu_share"].items() if v is not None))
+    if len({lib for lib in result.get("libraries", {}).values() if lib}) > 1:
+        print("llama.cpp builds: " + "; ".join(f"{n}: {lib}" for n, lib in result["libraries"].items() if lib))
     width = max(14, *(len(n) + 2 for n in result["sides"]))
     print(f"{'side':<{width}}" + "".join(f"{lab + ' p50/p95':>26}" for lab in labels) + f"{'busy/quiet q p50/p95':>24}")
     for name, by in result["sides"].items():
@@ -190,12 +220,15 @@ def main() -> None:
     ap.add_argument("--gap", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--build", type=_build_arg, action="append", metavar="NAME=DIR",
+                    help="run the llama.cpp sides on the build whose libraries are in DIR (repeatable)")
     args = ap.parse_args()
     names = [s.strip() for s in args.sides.split(",") if s.strip()]
     unknown = [n for n in names if n not in SIDES]
     if unknown or ("openvino" in names and not (args.openvino and args.checkpoint)):
         ap.error(f"sides are among {', '.join(SIDES)}; openvino needs --openvino and --checkpoint")
-    configs = side_configs(names, args.gguf, args.threads, args.openvino, args.checkpoint)
+    configs = side_configs(names, args.gguf, args.threads, args.openvino, args.checkpoint,
+                           dict(args.build) if args.build else None)
     result = run(configs, args.rounds, args.doc_rounds, args.gap, args.seed)
     print_table(result)
     if args.json:

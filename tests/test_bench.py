@@ -357,3 +357,21 @@ def test_contention_interleaves_sides_quiet_and_busy(colbert_gguf, tmp_path):
         assert {p: s["n"] for p, s in phases.items()} == {
             "query quiet": 3, "query busy": 3, "document quiet": 1, "document busy": 1}
     assert result["other_cpu_share"]["query busy"] > 0.2  # the competing process ran
+
+
+def test_contention_runs_each_side_on_each_build(colbert_gguf, tmp_path):
+    """bench.contention --build: every llama.cpp side runs once per build, on that build's libraries."""
+    import shutil
+
+    import llama_cpp
+
+    from lfm2edge.bench.contention import run, side_configs
+
+    installed = Path(llama_cpp.__file__).parent / "lib"
+    copy = shutil.copytree(installed, tmp_path / "copy", symlinks=True)
+    configs = side_configs(["adaptive"], [str(colbert_gguf)], 2, builds={"installed": str(installed), "copy": str(copy)})
+    assert [c.name for c in configs] == ["adaptive @installed", "adaptive @copy"]
+    result = run(configs, rounds=2, doc_rounds=0, gap_s=0.01, seed=0)
+    assert Path(result["libraries"]["adaptive @installed"]).parent == installed
+    assert Path(result["libraries"]["adaptive @copy"]).parent == copy
+    assert {p: s["n"] for p, s in result["sides"]["adaptive @copy"].items()} == {"query quiet": 2, "query busy": 2}
