@@ -175,9 +175,10 @@ def side_configs(policies: list[str], ggufs: list[str], threads: int, openvino: 
 
 def _build_arg(value: str) -> tuple[str, str]:
     name, sep, folder = value.partition("=")
-    if not (sep and name and Path(folder).is_dir()):
+    path = Path(folder).expanduser()
+    if not (sep and name and path.is_dir()):
         raise argparse.ArgumentTypeError(f"expected NAME=DIR, DIR a folder of llama.cpp libraries; got {value!r}")
-    return name, str(Path(folder).resolve())
+    return name, str(path.resolve())
 
 
 def _cpu(pid: int) -> float:
