@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,7 +196,7 @@ print(next(int(line.split()[1]) for line in rollup if line.startswith("AnonHugeP
 def _transparent_huge_pages() -> str | None:
     """The kernel's THP mode (always, madvise or never), None where there is no such setting."""
     try:
-        setting = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        setting = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
     except OSError:
         return None
     return setting[setting.index("[") + 1:setting.index("]")]
