@@ -203,6 +203,38 @@ def test_two_threads_get_the_same_vectors(embedding_encoder, sample):
         assert np.allclose(got if i % 2 == 0 else got[::-1], expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["colbert", "embedding"])
+def test_concurrent_decodes_give_the_vectors_of_one_at_a_time(kind, colbert_gguf, embedding_gguf, sample):
+    """A call of several decodes runs two at once, one thread each, in contexts of their own: same vectors."""
+    path = colbert_gguf if kind == "colbert" else embedding_gguf
+    docs = sample[1][:9] + ["x " * 300]  # an odd count: the last round has one decode, on both threads
+    queries = sample[0][:20]  # ColBERT: 32-token queries, 8 per decode
+    with lfm2edge.load(path, n_threads=2, adaptive_threads=False) as both, lfm2edge.load(
+        path, n_threads=2, adaptive_threads=False, concurrent_decodes=False
+    ) as serial:
+        got, want = both.encode_document(docs, batch_size=1), serial.encode_document(docs, batch_size=1)
+        q_got, q_want = both.encode_query(queries, batch_size=8), serial.encode_query(queries, batch_size=8)
+        assert len(both._extra) == 1 and not serial._extra  # the second decode of a round had its own context
+        extra = both._extra[0]
+    assert extra.closed  # close() freed it with the first
+    for a, b in zip([*got, *q_got], [*want, *q_want], strict=True):
+        assert a.shape == b.shape and np.array_equal(a, b)
+
+
+def test_an_error_in_a_concurrent_decode_reaches_the_caller(colbert_gguf):
+    """A decode that fails on a pool thread raises its typed error in the caller; the encoder goes on."""
+    with lfm2edge.load(colbert_gguf, n_threads=2, adaptive_threads=False) as enc:
+        good = enc.prepare_document("a document about rivers")
+        bad = good.copy()
+        bad[-1] = enc._model.n_vocab  # one past the vocabulary: llama.cpp would abort on it
+        calls = [good, good, good, bad, good]  # the bad call lands on either context
+        with pytest.raises(InvalidInputError, match="vocab"):
+            enc._decode_all(calls, batch_size=1, show_progress_bar=False)
+        assert len(enc._extra) == 1
+        again = enc._decode_all([good, good, good], batch_size=1, show_progress_bar=False)
+        assert all(np.array_equal(a, again[0]) for a in again)
+
+
 # --- bad input --------------------------------------------------------------------------
 
 

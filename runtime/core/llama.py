@@ -108,6 +108,8 @@ class LlamaModel:
         params = ll.llama_model_default_params()
         if n_gpu_layers is not None:  # None keeps llama.cpp's default: offload where a GPU backend exists
             params.n_gpu_layers = n_gpu_layers
+        # Whether layers run on a GPU backend rather than on this process's CPU threads.
+        self.offloaded = bool(ll.llama_supports_gpu_offload()) and params.n_gpu_layers != 0
         info = build_info()
         if extra_buffers is not None:
             params.use_extra_bufts = extra_buffers
