@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import pytest
 import lfm2edge
 from lfm2edge.convert.reference import pylate_maxsim
 from lfm2edge.convert.verify import row_cosines
-from lfm2edge.runtime.core.errors import FeatureUnavailableError, InvalidInputError
+from lfm2edge.runtime.core.errors import EncoderClosedError, FeatureUnavailableError, InvalidInputError
 from lfm2edge.runtime.core.maxsim import PackedDocuments, maxsim
 
 from .patch_support import require_patch
@@ -233,6 +234,48 @@ def test_an_error_in_a_concurrent_decode_reaches_the_caller(colbert_gguf):
         assert len(enc._extra) == 1
         again = enc._decode_all([good, good, good], batch_size=1, show_progress_bar=False)
         assert all(np.array_equal(a, again[0]) for a in again)
+
+
+def test_close_during_concurrent_decodes_ends_the_encode_after_those_in_flight(colbert_gguf, sample):
+    """close() mid-encode: each context finishes its decode in flight, starts no more, and the encode raises."""
+    enc = lfm2edge.load(colbert_gguf, n_threads=2, adaptive_threads=False)
+    enc.encode_document(sample[1][:2], batch_size=1)  # makes the second context
+    after_close = {"first": 0, "second": 0}
+    held = threading.Event()
+
+    def watched(name, decode, hold_at=None):
+        calls = [0]
+
+        def run(*args):
+            calls[0] += 1
+            if enc.closed:
+                after_close[name] += 1
+            if calls[0] == hold_at:  # keep this decode in flight until close() has been called
+                held.set()
+                while not enc.closed:
+                    time.sleep(0.001)
+            return decode(*args)
+
+        return run
+
+    enc._ctx.decode = watched("first", enc._ctx.decode, hold_at=3)
+    enc._extra[0].decode = watched("second", enc._extra[0].decode)
+    outcome = []
+
+    def encode():
+        try:
+            enc.encode_document(sample[1][:20] * 3, batch_size=1)
+            outcome.append("done")
+        except EncoderClosedError as e:
+            outcome.append(e)
+
+    worker = threading.Thread(target=encode)
+    worker.start()
+    assert held.wait(60)
+    enc.close()
+    worker.join(60)
+    assert not worker.is_alive() and isinstance(outcome[0], EncoderClosedError)
+    assert after_close["first"] == 0 and after_close["second"] <= 1  # at most the one it had just taken
 
 
 # --- bad input --------------------------------------------------------------------------

@@ -241,7 +241,7 @@ class Encoder:
         def drain(ctx: EmbeddingContext) -> None:
             try:
                 for i in taken:
-                    if failed.is_set():
+                    if failed.is_set() or self._closed:  # close() waits for the decodes in flight only
                         return
                     results[i] = ctx.decode(*batch[i])
             except BaseException:
@@ -257,7 +257,9 @@ class Encoder:
             wait(futures)  # no context is freed (close() waits on the lock) while one still decodes
         for f in futures:
             f.result()  # a worker's error, as raised
-        return results  # type: ignore[return-value]  # every call ran: no error was raised
+        if any(r is None for r in results):
+            self._check_open()  # the calls left undone were left for close(): EncoderClosedError
+        return results  # type: ignore[return-value]  # every call ran
 
     def _contexts(self, n: int) -> list[EmbeddingContext]:
         """self._ctx and up to n - 1 contexts beside it, made on first need (fewer if llama.cpp cannot)."""
