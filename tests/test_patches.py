@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,47 @@ def test_q8_0_on_amx_keeps_bf16_activations(tmp_path):
         error_int8 = float((1 - row_cosines(int8.encode_document(text), reference)).mean())
     # measured: 0.61-0.69e-3 against 0.89-1.03e-3 (three seeds); ggml's int8 AMX kernels equal the latter
     assert error_tiles < 0.85 * error_int8
+
+
+def _amx_buffer_logged(caplog) -> bool:
+    return any("AMX model buffer size" in r.getMessage() for r in caplog.records)
+
+
+def test_split_f32_runs_f32_weights_on_the_bf16_tiles(tmp_path, caplog):
+    """The amx-f32 patch: load(split_f32=True) places an f32 file's matmul weights in the AMX buffer and
+    runs them as bf16 halves: near ggml's f32 kernels, far nearer than bf16. The switch is on for that load
+    only: the next load of the same file keeps the f32 kernels."""
+    import lfm2edge
+    from lfm2edge.convert.pipeline import convert
+
+    _require_amx_bf16()
+    require_patch("amx-f32-as-bf16-halves")
+    ckpt = _amx_sized_checkpoint(tmp_path)
+    f32, bf16 = convert(ckpt, tmp_path / "f32.gguf", "f32"), convert(ckpt, tmp_path / "bf16.gguf", "bf16")
+    text = "a long enough document about many different things " * 12
+    with caplog.at_level(logging.DEBUG, logger="lfm2edge.llama"):
+        with lfm2edge.load(f32, n_threads=2, split_f32=True) as split:
+            assert split.split_f32 and _amx_buffer_logged(caplog)
+            halves = split.encode_document(text)
+        caplog.clear()
+        with lfm2edge.load(f32, n_threads=2) as plain:
+            assert not plain.split_f32 and not _amx_buffer_logged(caplog)
+            reference = plain.encode_document(text)
+    with lfm2edge.load(bf16, n_threads=2) as tiles:
+        rounded = tiles.encode_document(text)
+    error_split = float((1 - row_cosines(halves, reference)).mean())
+    error_bf16 = float((1 - row_cosines(rounded, reference)).mean())
+    assert np.abs(halves - reference).max() > 0  # another kernel ran
+    # measured: 2.5e-10 against bf16's 8.7e-5
+    assert error_split < 1e-8 and error_split < 1e-4 * error_bf16
+
+
+def test_split_f32_needs_the_extra_buffers(colbert_gguf):
+    import lfm2edge
+    from lfm2edge.runtime.core.errors import FeatureUnavailableError
+
+    with pytest.raises(FeatureUnavailableError, match="split_f32"):
+        lfm2edge.load(colbert_gguf, n_threads=2, extra_buffers=False, split_f32=True)
 
 
 def test_exact_mode_runs_flash_attention_over_f32(colbert_gguf, colbert_reference, sample):

@@ -17,6 +17,7 @@ The rules this module keeps, each one a crash or wrong vectors otherwise:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import sys
@@ -28,7 +29,7 @@ from pathlib import Path
 import llama_cpp as ll
 import numpy as np
 
-from lfm2edge.runtime.core.build import build_info
+from lfm2edge.runtime.core.build import BuildInfo, build_info
 from lfm2edge.runtime.core.errors import (
     DecodeError,
     EncoderClosedError,
@@ -52,6 +53,8 @@ _DECODE_CODES = {
 
 _backend_lock = threading.Lock()
 _backend_ready = False
+# Model loads, one at a time: a load with split_f32 turns on a process-wide switch of the CPU backend.
+_load_lock = threading.Lock()
 
 
 def _bind_key_mask():
@@ -68,6 +71,22 @@ def _bind_key_mask():
 
 
 _set_attn_key_mask = _bind_key_mask()
+
+
+def _bind_f32_split():
+    """ggml_backend_amx_set_f32_split from lfm2edge's patch llama.cpp/0012, or None where the loaded CPU
+    backend lacks it (no patch, no AMX-BF16). Asked of the backend itself (its get_proc_address), so a
+    release build's CPU variant, chosen at run time, answers for itself."""
+    from llama_cpp import _ggml
+
+    lib = _ggml.libggml
+    lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    reg = lib.ggml_backend_reg_by_name(b"CPU")
+    address = reg and lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_amx_set_f32_split")
+    return ctypes.CFUNCTYPE(None, ctypes.c_bool)(address) if address else None
 
 
 def supports_key_mask() -> bool:
@@ -100,10 +119,12 @@ class LlamaModel:
     matmul kernels differ from the plain CPU ones. None lets the build decide (on, except on
     unpatched AMX builds); False forces the plain CPU kernels; True forces them on (an unpatched
     AMX build then crashes on quantized models, llama.cpp #20824). ``self.extra_buffers`` is
-    the value in effect.
+    the value in effect. ``split_f32`` places f32 matmul weights in the AMX buffer, split into
+    two bf16 halves each (patch ``llama.cpp/0012``); it needs that patch and the extra buffers.
     """
 
-    def __init__(self, path: Path, n_gpu_layers: int | None = None, extra_buffers: bool | None = None):
+    def __init__(self, path: Path, n_gpu_layers: int | None = None, extra_buffers: bool | None = None,
+                 split_f32: bool = False):
         init_backend()
         params = ll.llama_model_default_params()
         if n_gpu_layers is not None:  # None keeps llama.cpp's default: offload where a GPU backend exists
@@ -118,10 +139,17 @@ class LlamaModel:
             # lfm2edge's patch fixes it, so only unpatched AMX builds skip the AMX buffers.
             params.use_extra_bufts = False
         self.extra_buffers = bool(params.use_extra_bufts)
+        if split_f32:
+            _check_split_f32(info, self.extra_buffers)
+            # Every matmul weight is copied (split) into the AMX buffer, so a mapped file would only
+            # add its pages to the process (1.4 GB for the 350M models); read it instead.
+            params.load_mode = ll.LLAMA_LOAD_MODE_NONE
+        self.split_f32 = split_f32
         self.path = Path(path)
         # Contexts made on this model: closed before the weights they point into are freed.
         self._contexts: weakref.WeakSet[EmbeddingContext] = weakref.WeakSet()
-        self._model = ll.llama_model_load_from_file(str(path).encode(), params)
+        with _load_lock, _f32_split_placement(split_f32):
+            self._model = ll.llama_model_load_from_file(str(path).encode(), params)
         if not self._model:
             raise ModelFileError(f"llama.cpp could not load {path}; run `lfm2edge inspect {path}` to see why")
         self._vocab = ll.llama_model_get_vocab(self._model)
@@ -179,6 +207,35 @@ class LlamaModel:
 
     def __del__(self) -> None:
         _close_unless_exiting(self)
+
+
+def _check_split_f32(info: BuildInfo, extra_buffers: bool) -> None:
+    if not info.split_f32_on_amx or _bind_f32_split() is None:
+        raise FeatureUnavailableError(
+            "split_f32 runs f32 weights on AMX-BF16 tiles, which this build or CPU lacks "
+            f"({info.describe()}); load without split_f32 (plain f32), or build with `make setup` on a CPU "
+            "with AMX-BF16"
+        )
+    if not extra_buffers:
+        raise FeatureUnavailableError(
+            "split_f32 places f32 weights in llama.cpp's AMX buffer, and extra_buffers=False turns those "
+            "buffers off; drop one of the two"
+        )
+
+
+@contextlib.contextmanager
+def _f32_split_placement(on: bool):
+    """Patch 0012's switch, on while llama.cpp places this model's weights (``_load_lock`` keeps other
+    loads out meanwhile); a weight placed in the AMX buffer keeps its kernel once the switch is off."""
+    if not on:
+        yield
+        return
+    switch = _bind_f32_split()
+    switch(True)
+    try:
+        yield
+    finally:
+        switch(False)
 
 
 def _close_unless_exiting(obj: LlamaModel | EmbeddingContext) -> None:
