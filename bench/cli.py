@@ -107,6 +107,11 @@ def bench(
              "labelled '<format> AMX off' ('no extra bufts' without AMX); default: for the formats AMX tiles run "
              "(quantized; bf16 with patch llama.cpp/0004) where this CPU and build run AMX",
         show_default=False)] = None,
+    split_f32_side: Annotated[bool | None, typer.Option(
+        "--split-f32-side/--no-split-f32-side",
+        help="also measure each f32 GGUF with load(split_f32=True): f32 weights as two bf16 halves on AMX tiles "
+             "(patch llama.cpp/0012), as a side labelled 'f32 split'; default: where this CPU and build run it",
+        show_default=False)] = None,
     peers: Annotated[str | None, typer.Option(
         "--peers", help="also measure the other CPU backends on the same ids and threads, exported from the "
                         "reference (the 'peers' extra): onnxruntime (fp32, int8), openvino (default precision, "
@@ -163,6 +168,7 @@ def bench(
         quick=quick,
         stock_python=stock_python,
         amx_off_side=amx_off_side,
+        split_f32_side=split_f32_side,
         peers=parse_peers(peers),
         passes=passes or (1 if quick else 2),
         cache_dir=(cache_dir or default_cache_dir()).expanduser(),

@@ -84,6 +84,7 @@ class SideSpec:
     query_expansion: str | None = None  # torch: mirror the llama.cpp side's mode
     python: str | None = None  # another interpreter (e.g. a stock llama.cpp build); None: this one
     extra_buffers: bool | None = None  # llama.cpp's CPU extra buffer types (AMX, repack); None: the build decides
+    split_f32: bool = False  # llama.cpp only: f32 weights as bf16 halves on AMX tiles (load(split_f32=True))
     checkpoint: str | None = None  # peers: the checkpoint whose tokenizer and settings prepare the texts
 
     @property

@@ -111,13 +111,20 @@ def summary_table(model: ModelResult) -> Table:
             "-" if best is None else f"{best.items_per_s:,.2f} ({best.batch_size})",
             "-" if best is None or best.tokens_per_s is None else f"{best.tokens_per_s:,.0f}",
             "-" if busy is None else f"{busy[0]:.2f} / {busy[1]:.2f}",
-            "ref" if _is_reference(side) else "-" if fid is None else f"{fid.cosine_min:.5f}",
-            "ref" if _is_reference(side) else "-" if fid is None else f"{fid.cosine_mean:.6f}",
+            "ref" if _is_reference(side) else "-" if fid is None else cosine_text(fid.cosine_min, 5),
+            "ref" if _is_reference(side) else "-" if fid is None else cosine_text(fid.cosine_mean, 6),
             "-" if fid is None else f"{fid.rank_spearman_mean:.3f}",
             "-" if fid is None else f"{fid.rank_top1_agreement:.2f}",
             "-" if side.other_cpu_share is None else f"{side.other_cpu_share:.0%}",
         )
     return t
+
+
+def cosine_text(cosine: float, digits: int) -> str:
+    """A cosine to `digits` decimals, or as 1 - x where those would print 1.0: f32 sides differ there."""
+    if 1 - cosine < 0.5 * 10.0**-digits:
+        return f"1-{max(1 - cosine, 0.0):.1e}"
+    return f"{cosine:.{digits}f}"
 
 
 def _is_reference(side: SideResult) -> bool:

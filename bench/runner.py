@@ -91,6 +91,9 @@ class BenchConfig:
     # The same GGUFs with llama.cpp's CPU extra buffer types off, as extra sides: True for every format,
     # False never, None for the quantized formats AMX takes, where this machine and build run AMX.
     amx_off_side: bool | None = None
+    # Each f32 GGUF again with split_f32 (patch llama.cpp/0012), labelled "f32 split": True always, False
+    # never, None where this build and CPU run it.
+    split_f32_side: bool | None = None
     peers: tuple[str, ...] = ()  # other CPU backends (peer_side.PEER_FORMATS), exported from the reference
     passes: int = 1  # passes over the sides, in alternating order (see the module docstring)
 
@@ -108,6 +111,12 @@ def prepare_models(config: BenchConfig, reporter: Reporter) -> list[artifacts.Mo
                                           config.threads, reporter.status)
     return [artifacts.from_argument(config.model, config.formats, config.reference, config.cache_dir,
                                     config.threads, reporter.status)]
+
+
+def split_f32_usable() -> bool:
+    from lfm2edge.runtime.core.build import build_info
+
+    return build_info().split_f32_on_amx
 
 
 def amx_off_label(fmt: str, amx: bool) -> str:
@@ -129,11 +138,13 @@ def side_specs(model: artifacts.ModelSpec, config: BenchConfig) -> list[SideSpec
             for s in specs
             if forced or (amx and s.format in tiles)
         ]
+    if config.split_f32_side is True or (config.split_f32_side is None and split_f32_usable()):
+        specs += [replace(s, format="f32 split", split_f32=True) for s in specs if s.format == "f32"]
     if config.stock_python:  # the same files through the stock build, so the patches' gain shows
         specs += [
             replace(s, format=f"{s.format} stock", python=config.stock_python)
             for s in specs
-            if s.extra_buffers is None  # the stock build keeps its own choice
+            if s.extra_buffers is None and not s.split_f32  # the stock build keeps its own choice, and lacks 0012
         ]
     if model.checkpoint is not None:
         folder = peer_side.export_folder(config.cache_dir, model.checkpoint)
@@ -392,6 +403,7 @@ def run_bench(config: BenchConfig, reporter: Reporter) -> BenchResult:
         "vs_torch": config.vs_torch,
         "quick": config.quick,
         "amx_off_side": config.amx_off_side,
+        "split_f32_side": config.split_f32_side,
         "peers": list(config.peers),
         "passes": config.passes,
         "gap_s": p.gap_s,

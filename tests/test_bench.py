@@ -135,7 +135,8 @@ def test_passes_alternate_the_side_order_and_join_samples(colbert_gguf, tmp_path
 
     plan = make_plan(True, None, 1, None, None, None, 0)
     config = runner.BenchConfig(model=str(colbert_gguf), formats=None, reference=None, threads=2, plan=plan,
-                                vs_torch=False, quick=True, cache_dir=tmp_path, amx_off_side=True, passes=2)
+                                vs_torch=False, quick=True, cache_dir=tmp_path, amx_off_side=True, passes=2,
+                                split_f32_side=False)
     reporter = RecordingReporter()
     result = runner.run_bench(config, reporter)
     (model,) = result.models
@@ -306,6 +307,15 @@ def test_texts_have_exact_token_counts():
     assert len(set(docs)) == 3
 
 
+def test_cosines_near_one_print_their_distance_from_one():
+    from lfm2edge.bench.report import cosine_text
+
+    assert cosine_text(0.973435, 6) == "0.973435"
+    assert cosine_text(0.9999999993, 6) == "1-7.0e-10"  # would print 1.000000, like 1 - 3.5e-8
+    assert cosine_text(1 - 3.46e-8, 6) == "1-3.5e-08"
+    assert cosine_text(1.0000000001, 5) == "1-0.0e+00"
+
+
 def test_fidelity_of_identical_vectors():
     rng = np.random.default_rng(0)
     q = [rng.standard_normal((4, 8)) for _ in range(3)]
@@ -337,6 +347,28 @@ def test_amx_off_sides_by_default_only_where_amx_runs(monkeypatch):
     assert formats(True, amx=False) == plain + [("f16 no extra bufts", False), ("q8_0 no extra bufts", False)]
     assert formats(True, amx=True) == plain + [("f16 AMX off", False), ("q8_0 AMX off", False)]
     assert formats(False, amx=True) == plain
+
+
+def test_split_f32_sides_only_for_f32_files_and_where_the_build_runs_them(monkeypatch):
+    from lfm2edge.bench import runner
+    from lfm2edge.bench.artifacts import ModelSpec
+    from lfm2edge.bench.regimes import Plan
+
+    model = ModelSpec("ColBERT", "late_interaction", (("f32", Path("a.gguf")), ("bf16", Path("b.gguf"))),
+                      None, "test", True)
+
+    def sides(split_f32_side, usable: bool) -> list[tuple[str, str, bool]]:
+        monkeypatch.setattr(runner, "split_f32_usable", lambda: usable)
+        config = runner.BenchConfig(model=None, formats=None, reference=None, threads=1, plan=Plan(),
+                                    amx_off_side=False, split_f32_side=split_f32_side, stock_python="python3")
+        return [(s.format, s.path, s.split_f32) for s in runner.side_specs(model, config)]
+
+    plain = [("f32", "a.gguf", False), ("bf16", "b.gguf", False)]
+    stock = [("f32 stock", "a.gguf", False), ("bf16 stock", "b.gguf", False)]  # never split: the stock build lacks it
+    assert sides(None, usable=True) == plain + [("f32 split", "a.gguf", True)] + stock
+    assert sides(None, usable=False) == plain + stock
+    assert sides(True, usable=False) == plain + [("f32 split", "a.gguf", True)] + stock
+    assert sides(False, usable=True) == plain + stock
 
 
 def test_contention_interleaves_sides_quiet_and_busy(colbert_gguf, tmp_path):
