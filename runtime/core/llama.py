@@ -76,10 +76,9 @@ _set_attn_key_mask = _bind_key_mask()
 def _bind_f32_split():
     """ggml_backend_amx_set_f32_split from lfm2edge's patch llama.cpp/0012, or None where the loaded CPU
     backend lacks it (no patch, no AMX-BF16). Asked of the backend itself (its get_proc_address), so a
-    release build's CPU variant, chosen at run time, answers for itself."""
-    from llama_cpp import _ggml
-
-    lib = _ggml.libggml
+    release build's CPU variant, chosen at run time, answers for itself. The ggml functions are looked
+    up through libllama: a wheel's libggml.so is a copy of libggml.so.0, with a registry of its own."""
+    lib = ll.llama_cpp._lib
     lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
     lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
     lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
