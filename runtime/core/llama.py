@@ -138,8 +138,9 @@ class LlamaModel:
             # lfm2edge's patch fixes it, so only unpatched AMX builds skip the AMX buffers.
             params.use_extra_bufts = False
         self.extra_buffers = bool(params.use_extra_bufts)
+        switch = None
         if split_f32:
-            _check_split_f32(info, self.extra_buffers)
+            switch = _f32_split_switch(info, self.extra_buffers)
             # Every matmul weight is copied (split) into the AMX buffer, so a mapped file would only
             # add its pages to the process (1.4 GB for the 350M models); read it instead.
             params.load_mode = ll.LLAMA_LOAD_MODE_NONE
@@ -147,7 +148,7 @@ class LlamaModel:
         self.path = Path(path)
         # Contexts made on this model: closed before the weights they point into are freed.
         self._contexts: weakref.WeakSet[EmbeddingContext] = weakref.WeakSet()
-        with _load_lock, _f32_split_placement(split_f32):
+        with _load_lock, _switched_on(switch):
             self._model = ll.llama_model_load_from_file(str(path).encode(), params)
         if not self._model:
             raise ModelFileError(f"llama.cpp could not load {path}; run `lfm2edge inspect {path}` to see why")
@@ -208,8 +209,10 @@ class LlamaModel:
         _close_unless_exiting(self)
 
 
-def _check_split_f32(info: BuildInfo, extra_buffers: bool) -> None:
-    if not info.split_f32_on_amx or _bind_f32_split() is None:
+def _f32_split_switch(info: BuildInfo, extra_buffers: bool):
+    """Patch 0012's switch, or FeatureUnavailableError naming why split_f32 cannot run here."""
+    switch = _bind_f32_split() if info.split_f32_on_amx else None
+    if switch is None:
         raise FeatureUnavailableError(
             "split_f32 runs f32 weights on AMX-BF16 tiles, which this build or CPU lacks "
             f"({info.describe()}); load without split_f32 (plain f32), or build with `make setup` on a CPU "
@@ -220,16 +223,16 @@ def _check_split_f32(info: BuildInfo, extra_buffers: bool) -> None:
             "split_f32 places f32 weights in llama.cpp's AMX buffer, and extra_buffers=False turns those "
             "buffers off; drop one of the two"
         )
+    return switch
 
 
 @contextlib.contextmanager
-def _f32_split_placement(on: bool):
-    """Patch 0012's switch, on while llama.cpp places this model's weights (``_load_lock`` keeps other
-    loads out meanwhile); a weight placed in the AMX buffer keeps its kernel once the switch is off."""
-    if not on:
+def _switched_on(switch):
+    """Patch 0012's switch (None: no switch) on while llama.cpp places this model's weights (``_load_lock``
+    keeps other loads out meanwhile); a weight placed in the AMX buffer keeps its kernel once it is off."""
+    if switch is None:
         yield
         return
-    switch = _bind_f32_split()
     switch(True)
     try:
         yield
