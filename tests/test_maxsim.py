@@ -22,7 +22,9 @@ def _cpu_flags() -> set[str]:
 
 
 FLAGS = _cpu_flags()
+AMX = {"amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "f16c"}
 PATHS = {
+    "amx": (AMX, [32, 128]),
     "avx512": ({"avx512f", "f16c"}, [16, 128]),
     "avx2": ({"avx2", "fma", "f16c"}, [8, 24, 128, 200]),
 }
@@ -37,7 +39,10 @@ def test_kernel_is_built_where_it_can_run():
     # A failed build would silently fall back to numpy: make CI notice.
     if platform.machine() not in ("x86_64", "AMD64") or not PATHS["avx2"][0] <= FLAGS:
         pytest.skip("the kernel has no path for this CPU")
-    assert m.kernel_path(128) == ("avx512" if PATHS["avx512"][0] <= FLAGS else "avx2")
+    expected = next(p for p in ("amx", "avx512", "avx2") if PATHS[p][0] <= FLAGS)
+    if expected == "amx" and platform.system() != "Linux":
+        expected = "avx512"
+    assert m.kernel_path(128) == expected
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
@@ -55,6 +60,44 @@ def test_kernel_equals_pylate(path, n_query):
             stored = [d.astype(dtype).astype(np.float32) for d in docs]
             got = m._maxsim_kernel(q, packed, path, threads=1)
             np.testing.assert_allclose(got, pylate_maxsim(q, stored), rtol=1e-5, atol=1e-4)
+
+
+def _near_ties(rng, n_docs, dim):
+    """Documents whose rows are small perturbations of a few directions: many rows per query row
+    within bf16 rounding of the maximum, where a screen that kept only its own best row would miss."""
+    docs = []
+    for n in rng.integers(1, 120, n_docs):
+        base = rng.standard_normal((int(rng.integers(1, 4)), dim))
+        rows = base[rng.integers(0, len(base), int(n))] + 1e-3 * rng.standard_normal((int(n), dim))
+        docs.append((rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32))
+    return docs
+
+
+@pytest.mark.parametrize("n_query", [1, 17, 32, 33, 70])
+def test_amx_scores_are_the_avx512_scores_bit_for_bit(n_query):
+    if m._maxsim is None or not AMX <= FLAGS or m.kernel_path(128) != "amx":
+        pytest.skip("no AMX path here")
+    rng = np.random.default_rng(100 + n_query)
+    for dim in (32, 64, 128):
+        docs = _near_ties(rng, 150, dim) + _corpus(rng, dim, n_docs=50)
+        # the query's rows: near the documents' directions (near ties), random, and one all-zero row
+        q = np.concatenate([docs[0][: n_query // 2], rng.standard_normal((n_query, dim))])[:n_query]
+        q = m.normalize_rows(q.astype(np.float32))
+        if n_query > 2:
+            q[1] = 0.0
+        packed = PackedDocuments.pack(docs, np.float16)
+        exact = m._maxsim_kernel(q, packed, "avx512", threads=1)
+        np.testing.assert_array_equal(m._maxsim_kernel(q, packed, "amx", threads=1), exact)
+        np.testing.assert_array_equal(m._maxsim_kernel(q, packed, "amx", threads=2), exact)
+    # What the tiles do not screen goes to the AVX-512 path whole: float32 storage, a document
+    # longer than 2,048 rows, query values too large or too small for bf16.
+    docs = _corpus(rng, 128, n_docs=20) + [m.normalize_rows(rng.standard_normal((2_100, 128)))]
+    q = m.normalize_rows(rng.standard_normal((n_query, 128)).astype(np.float32))
+    for dtype in (np.float16, np.float32):
+        packed = PackedDocuments.pack(docs, dtype)
+        for scale in (1.0, 1e20, 1e-30):
+            exact = m._maxsim_kernel(q * scale, packed, "avx512", threads=1)
+            np.testing.assert_array_equal(m._maxsim_kernel(q * scale, packed, "amx", threads=1), exact)
 
 
 def test_kernel_keeps_negative_maxima():

@@ -14,9 +14,14 @@
  * rows offsets[d] .. offsets[d+1]. The caller (maxsim.py) validates shapes and splits the
  * documents over threads; each call scores documents [first, last) with the GIL released.
  *
- * Paths: AVX-512 (AVX-512F + F16C, dimension a multiple of 16 up to 128: ColBERT's 128) and
- * AVX2 (AVX2 + FMA + F16C, dimension a multiple of 8), chosen at run time. Elsewhere (Apple
- * Silicon, old x86) the module reports no path and maxsim.py uses numpy, whose BLAS is good there.
+ * Paths, chosen at run time:
+ * - amx (Linux, AMX-BF16 + AVX512-BF16, float16 storage, dimension a multiple of 32 up to 128):
+ *   bf16 tiles screen every similarity, and the few document rows that can hold a query row's
+ *   maximum are rescored with the AVX-512 path's own FMA sequence: its scores, bit for bit;
+ * - AVX-512 (AVX-512F + F16C, dimension a multiple of 16 up to 128: ColBERT's 128);
+ * - AVX2 (AVX2 + FMA + F16C, dimension a multiple of 8).
+ * Elsewhere (Apple Silicon, old x86) the module reports no path and maxsim.py uses numpy, whose
+ * BLAS is good there.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -29,6 +34,14 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LFM2EDGE_X86 1
 #include <immintrin.h>
+#endif
+
+#if defined(LFM2EDGE_X86) && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define LFM2EDGE_AMX 1 /* a compiler with AMX intrinsics, and a kernel that grants the tile state */
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #define QW 32 /* query rows per pass: two 16-float vectors */
@@ -139,6 +152,226 @@ __attribute__((target("avx512f,fma,f16c"))) static void score_avx512(const Job *
     }
 }
 
+#ifdef LFM2EDGE_AMX
+/* AMX: screen with bf16 tiles, then rescore the rows that can win exactly.
+ *
+ * A tile product of bf16-rounded vectors is off from the AVX-512 path's float32 FMA sum by at most
+ * SCREEN_ERR * |q| * |d|: rounding to bf16 moves each operand by <= 2^-9 relative (a product by
+ * 2^-8 + 2^-18), and a float32 sum of up to 128 terms, tile or FMA, is off by <= 128 * 2^-24 of
+ * sum |q_k d_k| <= |q| |d|. 2^-8 + 2^-18 + 2 * 7.7e-6 = 0.003926; 0.0041 covers rounding the bound.
+ * So a row can hold query row j's maximum only if its screened similarity is within 2 * bound of
+ * the screened maximum. Those rows (a few per document) are rescored with the AVX-512 path's FMA
+ * sequence and the maxima summed in its order, so the scores are bit-identical to that path.
+ */
+#define SCREEN_ERR 0.0041f
+#define SCREEN_ABS 1e-30f   /* the tiles count bf16 denormals as zero */
+#define AMX_MAX_ROWS 2048   /* longer documents go to the AVX-512 path whole */
+#define AMX_MAX_QUERY 1e15f /* larger query values could overflow bf16 sums: AVX-512 path */
+#define TILE_U16 512        /* one 16 x 64-byte tile, in bf16 values */
+#define RESCORE_ROWS 8      /* rows rescored at once: 8 FMA chains keep both FMA ports busy */
+
+/* GCC's tileloadd has no memory operand: keep the stores that fill a block before it. */
+static inline void compiler_barrier(void) { __asm__ volatile("" ::: "memory"); }
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* Whether this CPU has AMX-BF16 and AVX512-BF16 and Linux lets this process use the tiles. */
+static int amx_usable(void) {
+    static int usable = -1; /* asked once; a race only asks twice */
+    if (usable < 0) {
+        unsigned a, b, c, d, a1 = 0, b1, c1, d1;
+        const int hw = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) /* AMX-TILE */ &&
+                       (d >> 22 & 1) /* AMX-BF16 */ && __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) &&
+                       (a1 >> 5 & 1) /* AVX512-BF16 */;
+        /* Linux (5.16+) hands the 8 KB tile state only to processes that ask: ARCH_REQ_XCOMP_PERM, XTILEDATA */
+        usable = hw && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c") &&
+                 syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    }
+    return usable;
+}
+
+static uint16_t bf16_rne(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+/* One query pass as bf16 B tiles, [dim / 32 steps][2 halves of 16 query rows][16 k pairs][16][2],
+ * and each query row's L2 norm. */
+static void query_tiles(const float *qt, int dim, uint16_t *tiles, float *norms) {
+    for (int s = 0; s < dim / 32; s++)
+        for (int h = 0; h < 2; h++)
+            for (int r = 0; r < 16; r++)
+                for (int n = 0; n < 16; n++)
+                    for (int e = 0; e < 2; e++)
+                        tiles[(((size_t)(s * 2 + h) * 16 + r) * 16 + n) * 2 + e] =
+                            bf16_rne(qt[(size_t)(32 * s + 2 * r + e) * QW + 16 * h + n]);
+    for (int j = 0; j < QW; j++) {
+        double ss = 0.0; /* squares of tiny float32 values underflow in float32 */
+        for (int k = 0; k < dim; k++) ss += (double)qt[(size_t)k * QW + j] * qt[(size_t)k * QW + j];
+        norms[j] = (float)sqrt(ss);
+    }
+}
+
+/* n <= 32 float16 rows rounded to bf16 into dst (same layout), zero-padded to 32 rows; returns the
+ * largest squared row norm. */
+__attribute__((target("avx512f,avx512bf16,fma,f16c"))) static float rows_to_bf16(const uint16_t *src, int n,
+                                                                                   int dim, uint16_t *dst) {
+    float largest = 0.0f;
+    for (int t = 0; t < n; t++) {
+        __m512 ss = _mm512_setzero_ps();
+        for (int k = 0; k < dim; k += 32) {
+            const __m512 x0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + (size_t)t * dim + k)));
+            const __m512 x1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + (size_t)t * dim + k + 16)));
+            ss = _mm512_fmadd_ps(x1, x1, _mm512_fmadd_ps(x0, x0, ss));
+            _mm512_storeu_si512((void *)(dst + (size_t)t * dim + k), (__m512i)_mm512_cvtne2ps_pbh(x1, x0));
+        }
+        const float sq = _mm512_reduce_add_ps(ss);
+        largest = sq > largest ? sq : largest;
+    }
+    memset(dst + (size_t)n * dim, 0, (size_t)(32 - n) * dim * sizeof(uint16_t));
+    return largest;
+}
+
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,fma,f16c"))) static void score_amx(const Job *job,
+                                                                                            float *rows) {
+    const int dim = job->dim, passes = (job->n_query + QW - 1) / QW, steps = dim / 32;
+    float qmax = 0.0f;
+    for (size_t i = 0; i < (size_t)passes * dim * QW; i++) qmax = fabsf(job->qt[i]) > qmax ? fabsf(job->qt[i]) : qmax;
+    int64_t longest = 0;
+    for (int64_t d = job->first; d < job->last; d++) {
+        const int64_t n = job->offsets[d + 1] - job->offsets[d];
+        longest = n <= AMX_MAX_ROWS && n > longest ? n : longest;
+    }
+    const size_t cap = (size_t)(longest + 31) / 32 * 32; /* screened rows per pass, whole 32-row steps */
+    uint16_t *qtiles = aligned_alloc(64, (size_t)passes * steps * 2 * TILE_U16 * sizeof(uint16_t));
+    float *qnorms = aligned_alloc(64, (size_t)passes * QW * sizeof(float));
+    uint16_t *blocks[2] = {aligned_alloc(64, 32 * (size_t)dim * sizeof(uint16_t)),
+                           aligned_alloc(64, 32 * (size_t)dim * sizeof(uint16_t))};
+    float *screen = aligned_alloc(64, (cap ? cap : 32) * passes * QW * sizeof(float));
+    int *cand = malloc((cap ? cap : 32) * sizeof(int));
+    if (!job->is_f16 || !(qmax <= AMX_MAX_QUERY) || !qtiles || !qnorms || !blocks[0] || !blocks[1] || !screen || !cand) {
+        score_avx512(job, rows); /* float32 storage, huge query values, or no memory: the FMA path */
+        goto done;
+    }
+    for (int p = 0; p < passes; p++)
+        query_tiles(job->qt + (size_t)p * dim * QW, dim, qtiles + (size_t)p * steps * 2 * TILE_U16, qnorms + p * QW);
+    /* tiles 0-3: similarities of 2 blocks of 16 rows x 2 halves of 32 query rows; 4-5 the blocks; 6-7 the halves */
+    TileConfig cfg = {.palette = 1};
+    for (int i = 0; i < 8; i++) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+    __asm__ volatile("" ::"r"(&cfg) : "memory"); /* ldtilecfg's operand names only cfg's first bytes */
+    _tile_loadconfig(&cfg);
+    for (int64_t d = job->first; d < job->last; d++) {
+        const int64_t begin = job->offsets[d];
+        const int n = (int)(job->offsets[d + 1] - begin);
+        if (n > AMX_MAX_ROWS) {
+            Job one = *job;
+            one.first = d, one.last = d + 1;
+            score_avx512(&one, rows);
+            continue;
+        }
+        /* Screen 32 rows at a time: the tiles multiply one block while the vector units widen the next. */
+        const uint16_t *src = (const uint16_t *)job->tokens + (size_t)begin * dim;
+        float largest = rows_to_bf16(src, n < 32 ? n : 32, dim, blocks[0]);
+        for (int t0 = 0, c = 0; t0 < n; t0 += 32, c ^= 1) {
+            /* the rows after next, on their way while these compute: the stream is the bound */
+            const int64_t ahead = begin + t0 + 64, stop = job->offsets[job->last];
+            if (ahead < stop) {
+                const char *from = (const char *)job->tokens + (size_t)ahead * dim * sizeof(uint16_t);
+                const size_t bytes = (size_t)(stop - ahead < 32 ? stop - ahead : 32) * dim * sizeof(uint16_t);
+                for (size_t o = 0; o < bytes; o += 64) _mm_prefetch(from + o, _MM_HINT_T0);
+            }
+            const uint16_t *block = blocks[c];
+            compiler_barrier(); /* tileloadd does not tell the compiler it reads the block */
+            for (int p = 0; p < passes; p++) {
+                const uint16_t *qp = qtiles + (size_t)p * steps * 2 * TILE_U16;
+                float *out = screen + ((size_t)p * cap + t0) * QW;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int s = 0; s < steps; s++) {
+                    _tile_loadd(4, block + 32 * s, dim * (int)sizeof(uint16_t));
+                    _tile_loadd(5, block + (size_t)16 * dim + 32 * s, dim * (int)sizeof(uint16_t));
+                    _tile_loadd(6, qp + (size_t)(2 * s) * TILE_U16, 64);
+                    _tile_loadd(7, qp + (size_t)(2 * s + 1) * TILE_U16, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+                if (p == 0 && t0 + 32 < n) {
+                    const float sq = rows_to_bf16(src + (size_t)(t0 + 32) * dim, n - t0 - 32 < 32 ? n - t0 - 32 : 32,
+                                                  dim, blocks[c ^ 1]);
+                    largest = sq > largest ? sq : largest;
+                }
+                _tile_stored(0, out, QW * (int)sizeof(float));
+                _tile_stored(1, out + 16, QW * (int)sizeof(float));
+                _tile_stored(2, out + 16 * QW, QW * (int)sizeof(float));
+                _tile_stored(3, out + 16 * QW + 16, QW * (int)sizeof(float));
+            }
+        }
+        const float norm = sqrtf(largest);
+        for (int p = 0; p < passes; p++) {
+            const float *qt = job->qt + (size_t)p * dim * QW;
+            const float *screened = screen + (size_t)p * cap * QW;
+            const int lanes = job->n_query - p * QW < QW ? job->n_query - p * QW : QW;
+            __m512 top0 = _mm512_set1_ps(-INFINITY), top1 = top0;
+            for (int t = 0; t < n; t++) {
+                top0 = _mm512_max_ps(top0, _mm512_load_ps(screened + (size_t)t * QW));
+                top1 = _mm512_max_ps(top1, _mm512_load_ps(screened + (size_t)t * QW + 16));
+            }
+            /* Threshold: screened maximum - 2 * bound; +inf for padding lanes, which never pick rows. */
+            const __m512 err = _mm512_set1_ps(2.0f * SCREEN_ERR * norm), abs2 = _mm512_set1_ps(2.0f * SCREEN_ABS);
+            const __mmask16 real0 = lanes >= 16 ? 0xFFFF : (__mmask16)((1u << lanes) - 1);
+            const __mmask16 real1 = lanes <= 16 ? 0 : lanes >= 32 ? 0xFFFF : (__mmask16)((1u << (lanes - 16)) - 1);
+            const __m512 inf = _mm512_set1_ps(INFINITY);
+            const __m512 lo0 = _mm512_mask_sub_ps(inf, real0, top0, _mm512_fmadd_ps(err, _mm512_load_ps(qnorms + p * QW), abs2));
+            const __m512 lo1 = _mm512_mask_sub_ps(inf, real1, top1, _mm512_fmadd_ps(err, _mm512_load_ps(qnorms + p * QW + 16), abs2));
+            /* Each half of the query rows rescores its own candidates, RESCORE_ROWS at a time, exactly as
+             * score_avx512 computes them: lane j of a row is fma(d[k], q_j[k], .) over k from zero. */
+            __m512 best[2] = {_mm512_set1_ps(-INFINITY), _mm512_set1_ps(-INFINITY)};
+            for (int h = 0; h < 2; h++) {
+                const __m512 lo = h ? lo1 : lo0;
+                int nc = 0;
+                for (int t = 0; t < n; t++)
+                    if (_mm512_cmp_ps_mask(_mm512_load_ps(screened + (size_t)t * QW + 16 * h), lo, _CMP_GE_OQ))
+                        cand[nc++] = t;
+                for (int i = 0; i < nc; i += RESCORE_ROWS) {
+                    const int nr = nc - i < RESCORE_ROWS ? nc - i : RESCORE_ROWS;
+                    for (int r = 0; r < nr; r++)
+                        for (int k = 0; k < dim; k += 16)
+                            _mm512_store_ps(rows + r * KC + k,
+                                            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(
+                                                (const uint16_t *)job->tokens + (size_t)(begin + cand[i + r]) * dim + k))));
+                    __m512 acc[RESCORE_ROWS];
+                    for (int r = 0; r < RESCORE_ROWS; r++) acc[r] = _mm512_setzero_ps();
+                    const float *q = qt + 16 * h, *x = rows;
+                    for (int k = 0; k < dim; k++, q += QW, x++) {
+                        const __m512 qk = _mm512_load_ps(q);
+#pragma GCC unroll 8
+                        for (int r = 0; r < RESCORE_ROWS; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * KC]), qk, acc[r]);
+                    }
+                    for (int r = 0; r < nr; r++) best[h] = _mm512_max_ps(best[h], acc[r]);
+                }
+            }
+            Cursor c = {d, INT64_MAX};
+            float maxima[QW];
+            _mm512_storeu_ps(maxima, best[0]);
+            _mm512_storeu_ps(maxima + 16, best[1]);
+            finish_doc(job, &c, maxima, lanes, p == 0);
+        }
+    }
+    _tile_release();
+done:
+    free(qtiles), free(qnorms), free(blocks[0]), free(blocks[1]), free(screen), free(cand);
+}
+#endif
+
 /* AVX2: 3 rows x 32 queries in 12 ymm accumulators; the query is read from L1 by the FMAs. */
 __attribute__((target("avx2,fma,f16c"))) static void score_avx2(const Job *job, float *rows) {
     enum { R2 = 3 };
@@ -188,6 +421,9 @@ __attribute__((target("avx2,fma,f16c"))) static void score_avx2(const Job *job, 
 
 /* Whether this CPU runs a path for vectors of this size. */
 static int path_runs(const char *name, int dim) {
+#ifdef LFM2EDGE_AMX
+    if (strcmp(name, "amx") == 0) return dim % 32 == 0 && dim <= KC && amx_usable();
+#endif
 #ifdef LFM2EDGE_X86
     if (strcmp(name, "avx512") == 0)
         return dim % 16 == 0 && dim <= KC && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c");
@@ -201,12 +437,15 @@ static int path_runs(const char *name, int dim) {
 
 /* The fastest path for this size, or NULL where none runs (the caller then uses numpy). */
 static const char *best_path(int dim) {
-    return path_runs("avx512", dim) ? "avx512" : path_runs("avx2", dim) ? "avx2" : NULL;
+    return path_runs("amx", dim) ? "amx" : path_runs("avx512", dim) ? "avx512" : path_runs("avx2", dim) ? "avx2" : NULL;
 }
 
 typedef void (*ScoreFn)(const Job *, float *);
 
 static ScoreFn path_fn(const char *name) {
+#ifdef LFM2EDGE_AMX
+    if (strcmp(name, "amx") == 0) return score_amx;
+#endif
 #ifdef LFM2EDGE_X86
     if (strcmp(name, "avx512") == 0) return score_avx512;
     if (strcmp(name, "avx2") == 0) return score_avx2;
