@@ -145,6 +145,41 @@ def test_models_run_on_amx(outtype, bidirectional, tmp_path):
     assert int(rows) % 32 and int(rows) > 32 and float(cosine) >= 0.99
 
 
+MAXSIM_BETWEEN_ENCODES = """
+import sys
+import numpy as np
+import lfm2edge
+from lfm2edge.runtime.core import maxsim as m
+text = "a long enough document about many different things " * 12
+rng = np.random.default_rng(0)
+docs = m.PackedDocuments.pack([m.normalize_rows(rng.standard_normal((40, 128))) for _ in range(30)])
+with lfm2edge.load(sys.argv[1], n_threads=2) as enc:
+    first = enc.encode_document(text)  # llama.cpp configures the tiles of this thread, its worker 0
+    q = m.normalize_rows(rng.standard_normal((32, 128)).astype(np.float32))
+    scores = m._maxsim_kernel(q, docs, "amx", threads=1)  # the AMX MaxSim on the same thread
+    again = enc.encode_document(text)
+print(int(np.array_equal(first, again)), int(np.isfinite(scores).all()))
+"""
+
+
+def test_amx_maxsim_between_encodes_leaves_llama_cpp_tiles_configured(tmp_path):
+    """The MaxSim kernel's AMX path puts back the thread's tile configuration: llama.cpp configures its
+    tiles once per thread, so a MaxSim between two encodes on the same thread would otherwise make the
+    second one fault (SIGILL) or multiply with MaxSim's tile shapes."""
+    from lfm2edge.convert.pipeline import convert
+    from lfm2edge.runtime.core.maxsim import kernel_path
+
+    for outtype in ("q8_0", "bf16"):  # llama.cpp's int8 and bf16 tile configurations
+        if kernel_path(128) != "amx":
+            pytest.skip("the MaxSim kernel has no AMX path here")
+        _require_amx_bf16()
+        model = convert(_amx_sized_checkpoint(tmp_path / outtype), tmp_path / f"{outtype}.gguf", outtype)
+        proc = subprocess.run([sys.executable, "-c", MAXSIM_BETWEEN_ENCODES, str(model)], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, f"{outtype}: exit {proc.returncode}: {proc.stderr[-1500:]}"
+        assert proc.stdout.split() == ["1", "1"], outtype
+
+
 def test_q8_0_on_amx_keeps_bf16_activations(tmp_path):
     """The amx-q8_0 patch: q8_0 weights on the bf16 tiles, activations rounded to bf16 instead of quantized
     to int8, so the vectors are closer to f32 than llama.cpp's own q8_0 path (extra buffers off) gives."""

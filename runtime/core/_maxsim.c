@@ -261,9 +261,13 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,fma,f16c"))) static 
     for (int p = 0; p < passes; p++)
         query_tiles(job->qt + (size_t)p * dim * QW, dim, qtiles + (size_t)p * steps * 2 * TILE_U16, qnorms + p * QW);
     /* tiles 0-3: similarities of 2 blocks of 16 rows x 2 halves of 32 query rows; 4-5 the blocks; 6-7 the halves */
-    TileConfig cfg = {.palette = 1};
+    /* The thread's own configuration is put back at the end: llama.cpp configures its tiles once
+     * per thread and the calling thread is one of its workers (it would fault, or compute with ours). */
+    _Alignas(64) TileConfig theirs, cfg = {.palette = 1};
+    _tile_storeconfig(&theirs);
     for (int i = 0; i < 8; i++) cfg.rows[i] = 16, cfg.colsb[i] = 64;
-    __asm__ volatile("" ::"r"(&cfg) : "memory"); /* ldtilecfg's operand names only cfg's first bytes */
+    /* ldtilecfg and sttilecfg name only a config's first bytes to the compiler: keep it in memory */
+    __asm__ volatile("" ::"r"(&cfg), "r"(&theirs) : "memory");
     _tile_loadconfig(&cfg);
     for (int64_t d = job->first; d < job->last; d++) {
         const int64_t begin = job->offsets[d];
@@ -366,7 +370,11 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,fma,f16c"))) static 
             finish_doc(job, &c, maxima, lanes, p == 0);
         }
     }
-    _tile_release();
+    __asm__ volatile("" ::"r"(&theirs) : "memory");
+    if (theirs.palette)
+        _tile_loadconfig(&theirs);
+    else
+        _tile_release();
 done:
     free(qtiles), free(qnorms), free(blocks[0]), free(blocks[1]), free(screen), free(cand);
 }
