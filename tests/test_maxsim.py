@@ -90,9 +90,16 @@ def test_amx_scores_are_the_avx512_scores_bit_for_bit(n_query):
         np.testing.assert_array_equal(m._maxsim_kernel(q, packed, "amx", threads=1), exact)
         np.testing.assert_array_equal(m._maxsim_kernel(q, packed, "amx", threads=2), exact)
     # What the tiles do not screen goes to the AVX-512 path whole: float32 storage, a document
-    # longer than 2,048 rows, query values too large or too small for bf16.
+    # longer than 2,048 rows or holding an infinity (written into a packed view after its checks),
+    # query values too large or too small for bf16.
     docs = _corpus(rng, 128, n_docs=20) + [m.normalize_rows(rng.standard_normal((2_100, 128)))]
     q = m.normalize_rows(rng.standard_normal((n_query, 128)).astype(np.float32))
+    packed = PackedDocuments.pack(docs, np.float16)
+    vectors = packed.vectors.copy()
+    vectors[packed.offsets[3] + 1, 5] = np.inf
+    tampered = PackedDocuments(vectors, packed.offsets)
+    exact = m._maxsim_kernel(q, tampered, "avx512", threads=1)
+    np.testing.assert_array_equal(m._maxsim_kernel(q, tampered, "amx", threads=1), exact)
     for dtype in (np.float16, np.float32):
         packed = PackedDocuments.pack(docs, dtype)
         for scale in (1.0, 1e20, 1e-30):

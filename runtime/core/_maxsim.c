@@ -26,6 +26,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -217,8 +218,11 @@ static void query_tiles(const float *qt, int dim, uint16_t *tiles, float *norms)
     }
 }
 
+/* The larger of a running maximum and x, where a NaN, once seen, stays. */
+static inline float larger(float running, float x) { return x > running || x != x ? x : running; }
+
 /* n <= 32 float16 rows rounded to bf16 into dst (same layout), zero-padded to 32 rows; returns the
- * largest squared row norm. */
+ * largest squared row norm (NaN or infinite where a row holds NaN or infinity). */
 __attribute__((target("avx512f,avx512bf16,fma,f16c"))) static float rows_to_bf16(const uint16_t *src, int n,
                                                                                    int dim, uint16_t *dst) {
     float largest = 0.0f;
@@ -230,8 +234,7 @@ __attribute__((target("avx512f,avx512bf16,fma,f16c"))) static float rows_to_bf16
             ss = _mm512_fmadd_ps(x1, x1, _mm512_fmadd_ps(x0, x0, ss));
             _mm512_storeu_si512((void *)(dst + (size_t)t * dim + k), (__m512i)_mm512_cvtne2ps_pbh(x1, x0));
         }
-        const float sq = _mm512_reduce_add_ps(ss);
-        largest = sq > largest ? sq : largest;
+        largest = larger(largest, _mm512_reduce_add_ps(ss));
     }
     memset(dst + (size_t)n * dim, 0, (size_t)(32 - n) * dim * sizeof(uint16_t));
     return largest;
@@ -311,13 +314,19 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,fma,f16c"))) static 
                 if (p == 0 && t0 + 32 < n) {
                     const float sq = rows_to_bf16(src + (size_t)(t0 + 32) * dim, n - t0 - 32 < 32 ? n - t0 - 32 : 32,
                                                   dim, blocks[c ^ 1]);
-                    largest = sq > largest ? sq : largest;
+                    largest = larger(largest, sq);
                 }
                 _tile_stored(0, out, QW * (int)sizeof(float));
                 _tile_stored(1, out + 16, QW * (int)sizeof(float));
                 _tile_stored(2, out + 16 * QW, QW * (int)sizeof(float));
                 _tile_stored(3, out + 16 * QW + 16, QW * (int)sizeof(float));
             }
+        }
+        if (!(largest <= FLT_MAX)) { /* NaN or infinity in the document: its scores are the FMA path's */
+            Job one = *job;
+            one.first = d, one.last = d + 1;
+            score_avx512(&one, rows);
+            continue;
         }
         const float norm = sqrtf(largest);
         for (int p = 0; p < passes; p++) {
