@@ -263,11 +263,11 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,fma,f16c"))) static 
     }
     for (int p = 0; p < passes; p++)
         query_tiles(job->qt + (size_t)p * dim * QW, dim, qtiles + (size_t)p * steps * 2 * TILE_U16, qnorms + p * QW);
-    /* tiles 0-3: similarities of 2 blocks of 16 rows x 2 halves of 32 query rows; 4-5 the blocks; 6-7 the halves */
     /* The thread's own configuration is put back at the end: llama.cpp configures its tiles once
      * per thread and the calling thread is one of its workers (it would fault, or compute with ours). */
     _Alignas(64) TileConfig theirs, cfg = {.palette = 1};
     _tile_storeconfig(&theirs);
+    /* tiles 0-3: similarities of 2 blocks of 16 rows x 2 halves of 32 query rows; 4-5 the blocks; 6-7 the halves */
     for (int i = 0; i < 8; i++) cfg.rows[i] = 16, cfg.colsb[i] = 64;
     /* ldtilecfg and sttilecfg name only a config's first bytes to the compiler: keep it in memory */
     __asm__ volatile("" ::"r"(&cfg), "r"(&theirs) : "memory");
