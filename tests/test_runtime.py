@@ -236,6 +236,20 @@ def test_an_error_in_a_concurrent_decode_reaches_the_caller(colbert_gguf):
         assert all(np.array_equal(a, again[0]) for a in again)
 
 
+def test_concurrent_decodes_run_on_the_caller_when_the_pool_takes_no_work(colbert_gguf, sample):
+    """At interpreter exit concurrent.futures refuses new work; an encode still running in a daemon thread
+    then decodes on its own thread instead of raising (the hostile "interpreter exit" case hit it by timing).
+    A shut-down pool refuses work the same way."""
+    docs = sample[1][:6]
+    with lfm2edge.load(colbert_gguf, n_threads=2, adaptive_threads=False) as enc:
+        want = enc.encode_document(docs, batch_size=1)  # two contexts at once: the pool exists
+        assert enc._pool is not None and len(enc._extra) == 1
+        enc._pool.shutdown()
+        got = enc.encode_document(docs, batch_size=1)
+    for a, b in zip(got, want, strict=True):
+        assert np.array_equal(a, b)
+
+
 def test_close_during_concurrent_decodes_ends_the_encode_after_those_in_flight(colbert_gguf, sample):
     """close() mid-encode: each context finishes its decode in flight, starts no more, and the encode raises."""
     enc = lfm2edge.load(colbert_gguf, n_threads=2, adaptive_threads=False)

@@ -255,7 +255,12 @@ class Encoder:
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(MAX_CONCURRENT_DECODES - 1, thread_name_prefix="lfm2edge-decode")
-        futures = [self._pool.submit(drain, ctx) for ctx in contexts[1:]]
+        futures = []
+        for ctx in contexts[1:]:
+            try:
+                futures.append(self._pool.submit(drain, ctx))
+            except RuntimeError:  # the interpreter is exiting (or the pool shut down): decode here alone
+                break
         try:
             drain(self._ctx)
         finally:
