@@ -169,10 +169,10 @@ def test_amx_maxsim_between_encodes_leaves_llama_cpp_tiles_configured(tmp_path):
     from lfm2edge.convert.pipeline import convert
     from lfm2edge.runtime.core.maxsim import kernel_path
 
+    if kernel_path(128) != "amx":
+        pytest.skip("the MaxSim kernel has no AMX path here")
+    _require_amx_bf16()
     for outtype in ("q8_0", "bf16"):  # llama.cpp's int8 and bf16 tile configurations
-        if kernel_path(128) != "amx":
-            pytest.skip("the MaxSim kernel has no AMX path here")
-        _require_amx_bf16()
         model = convert(_amx_sized_checkpoint(tmp_path / outtype), tmp_path / f"{outtype}.gguf", outtype)
         proc = subprocess.run([sys.executable, "-c", MAXSIM_BETWEEN_ENCODES, str(model)], capture_output=True,
                               text=True, timeout=300)

@@ -240,6 +240,13 @@ __attribute__((target("avx512f,avx512bf16,fma,f16c"))) static float rows_to_bf16
     return largest;
 }
 
+/* Document d alone, on the AVX-512 path: what the tiles do not screen. */
+static void score_one_avx512(const Job *job, int64_t d, float *rows) {
+    Job one = *job;
+    one.first = d, one.last = d + 1;
+    score_avx512(&one, rows);
+}
+
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,fma,f16c"))) static void score_amx(const Job *job,
                                                                                             float *rows) {
     const int dim = job->dim, passes = (job->n_query + QW - 1) / QW, steps = dim / 32;
@@ -276,9 +283,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,fma,f16c"))) static 
         const int64_t begin = job->offsets[d];
         const int n = (int)(job->offsets[d + 1] - begin);
         if (n > AMX_MAX_ROWS) {
-            Job one = *job;
-            one.first = d, one.last = d + 1;
-            score_avx512(&one, rows);
+            score_one_avx512(job, d, rows);
             continue;
         }
         /* Screen 32 rows at a time: the tiles multiply one block while the vector units widen the next. */
@@ -323,9 +328,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,fma,f16c"))) static 
             }
         }
         if (!(largest <= FLT_MAX)) { /* NaN or infinity in the document: its scores are the FMA path's */
-            Job one = *job;
-            one.first = d, one.last = d + 1;
-            score_avx512(&one, rows);
+            score_one_avx512(job, d, rows);
             continue;
         }
         const float norm = sqrtf(largest);
