@@ -112,6 +112,11 @@ def bench(
         help="also measure each f32 GGUF with load(split_f32=True): f32 weights as two bf16 halves on AMX tiles "
              "(patch llama.cpp/0012), as a side labelled 'f32 split'; default: where this CPU and build run it",
         show_default=False)] = None,
+    int8_side: Annotated[bool | None, typer.Option(
+        "--int8-side/--no-int8-side",
+        help="also measure each bf16 GGUF with load(dynamic_int8=True): weights and activations as int8 on AMX "
+             "tiles (patch llama.cpp/0013), as a side labelled 'bf16 int8'; default: where this CPU and build run it",
+        show_default=False)] = None,
     peers: Annotated[str | None, typer.Option(
         "--peers", help="also measure the other CPU backends on the same ids and threads, exported from the "
                         "reference (the 'peers' extra): onnxruntime (fp32, int8), openvino (default precision, "
@@ -169,6 +174,7 @@ def bench(
         stock_python=stock_python,
         amx_off_side=amx_off_side,
         split_f32_side=split_f32_side,
+        int8_side=int8_side,
         peers=parse_peers(peers),
         passes=passes or (1 if quick else 2),
         cache_dir=(cache_dir or default_cache_dir()).expanduser(),

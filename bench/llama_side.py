@@ -60,8 +60,8 @@ def _load(spec: SideSpec, query_expansion: str | None):
     kwargs: dict[str, object] = {"query_expansion": query_expansion} if spec.colbert and query_expansion else {}
     if spec.extra_buffers is not None:  # only when asked: an older lfm2edge (a stock venv's) lacks the option
         kwargs["extra_buffers"] = spec.extra_buffers
-    if spec.split_f32:
-        kwargs["split_f32"] = True
+    if spec.weight_kernel:
+        kwargs[spec.weight_kernel] = True
     return lfm2edge.load(spec.path, n_threads=spec.threads, exact=spec.exact, max_batch_tokens=tokens, **kwargs)
 
 

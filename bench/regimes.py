@@ -84,7 +84,8 @@ class SideSpec:
     query_expansion: str | None = None  # torch: mirror the llama.cpp side's mode
     python: str | None = None  # another interpreter (e.g. a stock llama.cpp build); None: this one
     extra_buffers: bool | None = None  # llama.cpp's CPU extra buffer types (AMX, repack); None: the build decides
-    split_f32: bool = False  # llama.cpp only: f32 weights as bf16 halves on AMX tiles (load(split_f32=True))
+    # llama.cpp only: a load option that runs the weights on another kernel (runner.KERNEL_SIDES), or None
+    weight_kernel: str | None = None
     checkpoint: str | None = None  # peers: the checkpoint whose tokenizer and settings prepare the texts
 
     @property

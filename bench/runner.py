@@ -91,9 +91,11 @@ class BenchConfig:
     # The same GGUFs with llama.cpp's CPU extra buffer types off, as extra sides: True for every format,
     # False never, None for the quantized formats AMX takes, where this machine and build run AMX.
     amx_off_side: bool | None = None
-    # Each f32 GGUF again with split_f32 (patch llama.cpp/0012), labelled "f32 split": True always, False
-    # never, None where this build and CPU run it.
+    # Each f32 GGUF again with split_f32 (patch llama.cpp/0012), labelled "f32 split", and each bf16 GGUF with
+    # dynamic_int8 (patch llama.cpp/0013), labelled "bf16 int8": True always, False never, None where this
+    # build and CPU run it.
     split_f32_side: bool | None = None
+    int8_side: bool | None = None
     peers: tuple[str, ...] = ()  # other CPU backends (peer_side.PEER_FORMATS), exported from the reference
     passes: int = 1  # passes over the sides, in alternating order (see the module docstring)
 
@@ -113,10 +115,16 @@ def prepare_models(config: BenchConfig, reporter: Reporter) -> list[artifacts.Mo
                                     config.threads, reporter.status)]
 
 
-def split_f32_usable() -> bool:
-    from lfm2edge.runtime.core.build import build_info
+# Load options that run a format's weights on another kernel, each measured as an extra side:
+# (load option, the format it takes, the side's format label)
+KERNEL_SIDES = (("split_f32", "f32", "f32 split"), ("dynamic_int8", "bf16", "bf16 int8"))
 
-    return build_info().split_f32_on_amx
+
+def kernel_usable(option: str) -> bool:
+    """Whether this build and CPU run the load option ``option`` (one of KERNEL_SIDES)."""
+    from lfm2edge.runtime.core.llama import WEIGHT_KERNELS, weight_kernel_available
+
+    return weight_kernel_available(next(k for k in WEIGHT_KERNELS if k.option == option))
 
 
 def amx_off_label(fmt: str, amx: bool) -> str:
@@ -138,13 +146,15 @@ def side_specs(model: artifacts.ModelSpec, config: BenchConfig) -> list[SideSpec
             for s in specs
             if forced or (amx and s.format in tiles)
         ]
-    if config.split_f32_side is True or (config.split_f32_side is None and split_f32_usable()):
-        specs += [replace(s, format="f32 split", split_f32=True) for s in specs if s.format == "f32"]
+    wanted = {"split_f32": config.split_f32_side, "dynamic_int8": config.int8_side}
+    for option, fmt, label in KERNEL_SIDES:
+        if wanted[option] is True or (wanted[option] is None and kernel_usable(option)):
+            specs += [replace(s, format=label, weight_kernel=option) for s in specs if s.format == fmt]
     if config.stock_python:  # the same files through the stock build, so the patches' gain shows
         specs += [
             replace(s, format=f"{s.format} stock", python=config.stock_python)
             for s in specs
-            if s.extra_buffers is None and not s.split_f32  # the stock build keeps its own choice, and lacks 0012
+            if s.extra_buffers is None and not s.weight_kernel  # the stock build keeps its own choice, and lacks them
         ]
     if model.checkpoint is not None:
         folder = peer_side.export_folder(config.cache_dir, model.checkpoint)
@@ -404,6 +414,7 @@ def run_bench(config: BenchConfig, reporter: Reporter) -> BenchResult:
         "quick": config.quick,
         "amx_off_side": config.amx_off_side,
         "split_f32_side": config.split_f32_side,
+        "int8_side": config.int8_side,
         "peers": list(config.peers),
         "passes": config.passes,
         "gap_s": p.gap_s,

@@ -228,15 +228,25 @@ def test_every_row_has_positive_ratios_to_pytorch(quick_run):
 
 
 def test_stock_python_sides_run_beside_ours(quick_run):
+    """Every side of ours runs through the stock build too, but those of the patches' load options."""
     data, _, _ = quick_run
     for model in data["models"]:
-        ours = [s["format"] for s in model["sides"] if s["engine"] == "llama.cpp" and not _extra_buffers_off(s)]
+        ours = [s["format"] for s in model["sides"]
+                if s["engine"] == "llama.cpp" and not _extra_buffers_off(s) and not _kernel_side(s)]
         assert ours and all(f"{f} stock" in ours for f in ours if not f.endswith(" stock"))
 
 
 def _extra_buffers_off(side: dict) -> bool:
     """A side that --amx-off-side added (its label says so, whatever the build would choose)."""
     return side["format"].endswith((" AMX off", " no extra bufts"))
+
+
+def _kernel_side(side: dict) -> bool:
+    """A side of a load option that runs the weights on another kernel (runner.KERNEL_SIDES): it needs the
+    extra buffers and the patches, so it has neither an extra-buffers-off nor a stock twin."""
+    from lfm2edge.bench.runner import KERNEL_SIDES
+
+    return side["format"] in {label for _, _, label in KERNEL_SIDES}
 
 
 def test_amx_off_sides_run_the_same_files(quick_run):
@@ -246,7 +256,8 @@ def test_amx_off_sides_run_the_same_files(quick_run):
     assert data["settings"]["amx_off_side"] is True
     for model in data["models"]:
         llama = {s["format"]: s for s in model["sides"] if s["engine"] == "llama.cpp"}
-        plain = [f for f, s in llama.items() if not _extra_buffers_off(s) and not f.endswith(" stock")]
+        plain = [f for f, s in llama.items()
+                 if not _extra_buffers_off(s) and not f.endswith(" stock") and not _kernel_side(s)]
         assert plain
         for fmt in plain:
             off = [llama.get(amx_off_label(fmt, amx)) for amx in (True, False)]
@@ -349,7 +360,9 @@ def test_amx_off_sides_by_default_only_where_amx_runs(monkeypatch):
     assert formats(False, amx=True) == plain
 
 
-def test_split_f32_sides_only_for_f32_files_and_where_the_build_runs_them(monkeypatch):
+def test_kernel_sides_only_for_their_format_and_where_the_build_runs_them(monkeypatch):
+    """f32 split for f32 files, bf16 int8 for bf16 files; by default only where the build runs them, never
+    through the stock build (which lacks the patches)."""
     from lfm2edge.bench import runner
     from lfm2edge.bench.artifacts import ModelSpec
     from lfm2edge.bench.regimes import Plan
@@ -357,18 +370,21 @@ def test_split_f32_sides_only_for_f32_files_and_where_the_build_runs_them(monkey
     model = ModelSpec("ColBERT", "late_interaction", (("f32", Path("a.gguf")), ("bf16", Path("b.gguf"))),
                       None, "test", True)
 
-    def sides(split_f32_side, usable: bool) -> list[tuple[str, str, bool]]:
-        monkeypatch.setattr(runner, "split_f32_usable", lambda: usable)
+    def sides(wanted, usable: set[str]) -> list[tuple[str, str, str | None]]:
+        monkeypatch.setattr(runner, "kernel_usable", lambda option: option in usable)
         config = runner.BenchConfig(model=None, formats=None, reference=None, threads=1, plan=Plan(),
-                                    amx_off_side=False, split_f32_side=split_f32_side, stock_python="python3")
-        return [(s.format, s.path, s.split_f32) for s in runner.side_specs(model, config)]
+                                    amx_off_side=False, split_f32_side=wanted, int8_side=wanted,
+                                    stock_python="python3")
+        return [(s.format, s.path, s.weight_kernel) for s in runner.side_specs(model, config)]
 
-    plain = [("f32", "a.gguf", False), ("bf16", "b.gguf", False)]
-    stock = [("f32 stock", "a.gguf", False), ("bf16 stock", "b.gguf", False)]  # never split: the stock build lacks it
-    assert sides(None, usable=True) == plain + [("f32 split", "a.gguf", True)] + stock
-    assert sides(None, usable=False) == plain + stock
-    assert sides(True, usable=False) == plain + [("f32 split", "a.gguf", True)] + stock
-    assert sides(False, usable=True) == plain + stock
+    plain = [("f32", "a.gguf", None), ("bf16", "b.gguf", None)]
+    split, int8 = ("f32 split", "a.gguf", "split_f32"), ("bf16 int8", "b.gguf", "dynamic_int8")
+    stock = [("f32 stock", "a.gguf", None), ("bf16 stock", "b.gguf", None)]
+    assert sides(None, usable={"split_f32", "dynamic_int8"}) == plain + [split, int8] + stock
+    assert sides(None, usable={"dynamic_int8"}) == plain + [int8] + stock
+    assert sides(None, usable=set()) == plain + stock
+    assert sides(True, usable=set()) == plain + [split, int8] + stock
+    assert sides(False, usable={"split_f32", "dynamic_int8"}) == plain + stock
 
 
 def test_contention_interleaves_sides_quiet_and_busy(colbert_gguf, tmp_path):

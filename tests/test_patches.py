@@ -242,6 +242,119 @@ def test_split_f32_needs_the_extra_buffers(colbert_gguf):
         lfm2edge.load(colbert_gguf, n_threads=2, extra_buffers=False, split_f32=True)
 
 
+def test_dynamic_int8_runs_bf16_weights_as_int8_for_that_load_only(tmp_path):
+    """The amx-int8-dynamic patch: load(dynamic_int8=True) runs a bf16 file's matmuls as int8 on the AMX tiles,
+    with int8's error against f32. The switch is on for that load only: loads of the same file before and
+    after give bf16's vectors bit for bit."""
+    import lfm2edge
+    from lfm2edge.convert.pipeline import convert
+
+    _require_amx_bf16()
+    require_patch("amx-int8-dynamic")
+    ckpt = _amx_sized_checkpoint(tmp_path)
+    f32, bf16 = convert(ckpt, tmp_path / "f32.gguf", "f32"), convert(ckpt, tmp_path / "bf16.gguf", "bf16")
+    query, text = "which things are different?", "a long enough document about many different things " * 12
+
+    def encode(path, **options):
+        with lfm2edge.load(path, n_threads=2, **options) as enc:
+            return enc.dynamic_int8, enc.encode_query(query), enc.encode_document(text)
+
+    _, *before = encode(bf16)
+    on, *int8 = encode(bf16, dynamic_int8=True)
+    off, *after = encode(bf16)
+    _, *exact = encode(f32)
+    assert on and not off
+    for b, a in zip(before, after, strict=True):
+        np.testing.assert_array_equal(b, a)
+    for quantized, rounded, reference in zip(int8, before, exact, strict=True):
+        error = float((1 - row_cosines(quantized, reference)).mean())
+        error_bf16 = float((1 - row_cosines(rounded, reference)).mean())
+        # measured (query, document): 2.1e-3 and 2.4e-3, against bf16's 7.2e-5 and 8.7e-5
+        assert 10 * error_bf16 < error < 0.005
+
+
+def _int8_product(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x [M, K] . weight [N, K]^T as patch amx-int8-dynamic defines it, in float32 where the kernel is:
+    q = round(v * (127 / max |v|)) per row of each, integer sums exact, then sum * (s_x s_w)."""
+    def quantize(v):
+        amax = np.abs(v).max(axis=1, keepdims=True)
+        inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+        return np.clip(np.rint(v * inv), -127, 127).astype(np.int64), amax / np.float32(127)
+
+    qx, sx = quantize(x.astype(np.float32))
+    qw, sw = quantize(weight.astype(np.float32))
+    return (qx @ qw.T).astype(np.float32) * (sx * sw.T)
+
+
+def test_dynamic_int8_matmuls_are_the_int8_products_bit_for_bit(tmp_path):
+    """Every matmul the AMX buffer takes (N a multiple of 32) in a decode under load(dynamic_int8=True), taken
+    from the graph as llama.cpp computed it: its output is the int8 product of its own input and the bf16
+    file's weight, bit for bit."""
+    import ctypes
+
+    import gguf
+
+    import lfm2edge
+    from lfm2edge.bench.profile import GgmlTensor
+    from lfm2edge.convert.pipeline import convert
+    from lfm2edge.runtime.core.llama import EmbeddingContext
+
+    _require_amx_bf16()
+    require_patch("amx-int8-dynamic")
+    bf16 = convert(_amx_sized_checkpoint(tmp_path), tmp_path / "bf16.gguf", "bf16")
+    weights = {t.name: t for t in gguf.GGUFReader(bf16).tensors
+               if t.tensor_type == gguf.GGMLQuantizationType.BF16 and t.shape[1] % 32 == 0}
+    captured: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def floats(t: GgmlTensor) -> np.ndarray:
+        rows, cols = t.ne[1], t.ne[0]
+        assert t.nb[1] == 4 * cols  # contiguous float32 rows
+        return np.ctypeslib.as_array((ctypes.c_float * (rows * cols)).from_address(t.data)).reshape(rows, cols).copy()
+
+    def record(address: int, ask: bool) -> bool:
+        node = GgmlTensor.from_address(address)
+        weight = GgmlTensor.from_address(node.src[0]).name.decode() if node.src[0] else ""
+        if not ask and weight in weights and weight != "token_embd.weight":
+            captured[weight] = floats(GgmlTensor.from_address(node.src[1])), floats(node)
+        return True
+
+    with lfm2edge.load(bf16, n_threads=2, dynamic_int8=True) as enc:
+        ids = enc.prepare_document("a document of some forty tokens about different things " * 6)
+        ctx = EmbeddingContext(enc._model, enc.max_batch_tokens, 1, 2, eval_callback=record)
+        try:
+            ctx.decode([ids], None)
+        finally:
+            ctx.close()
+    # every matmul weight of both layers (the test model's 16-wide dense_2 stays on the bf16 kernel)
+    assert len(captured) == 12 and {"blk.0.shortconv.in_proj.weight", "blk.1.attn_v.weight"} <= captured.keys()
+    for name, (x, out) in captured.items():
+        rows = weights[name].data.view(np.uint16).astype(np.uint32) << 16  # bf16 to float32, exactly
+        np.testing.assert_array_equal(out, _int8_product(x, rows.view(np.float32)), err_msg=name)
+
+
+def test_weight_kernels_need_their_file_type_and_one_at_a_time(colbert_gguf):
+    import lfm2edge
+    from lfm2edge.runtime.core.errors import InvalidInputError, ModelFileError
+
+    with pytest.raises(ModelFileError, match=r"dynamic_int8 .* matmul weights are F32; convert .* --outtype bf16"):
+        lfm2edge.load(colbert_gguf, n_threads=2, dynamic_int8=True)
+    with pytest.raises(InvalidInputError, match="pass one of the two"):
+        lfm2edge.load(colbert_gguf, n_threads=2, dynamic_int8=True, split_f32=True)
+
+
+def test_dynamic_int8_needs_the_extra_buffers(tmp_path):
+    import lfm2edge
+    from lfm2edge.convert.pipeline import convert
+    from lfm2edge.convert.synthetic import TINY, make_checkpoint
+    from lfm2edge.runtime.core.errors import FeatureUnavailableError
+
+    _require_amx_bf16()
+    require_patch("amx-int8-dynamic")
+    bf16 = convert(make_checkpoint(tmp_path / "ckpt", "colbert", TINY), tmp_path / "bf16.gguf", "bf16")
+    with pytest.raises(FeatureUnavailableError, match="dynamic_int8 places .* extra_buffers=False"):
+        lfm2edge.load(bf16, n_threads=2, extra_buffers=False, dynamic_int8=True)
+
+
 def test_exact_mode_runs_flash_attention_over_f32(colbert_gguf, colbert_reference, sample):
     """The flash-attention-f32 patch: exact mode runs flash attention, K and V stay F32, and the vectors
     keep the exact bar against the reference (a cast to F16 costs about 1e-3 per token)."""

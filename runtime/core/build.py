@@ -46,11 +46,6 @@ class BuildInfo:
         built = "-DGGML_AMX_BF16=ON" in self.cmake_args or "AMX_BF16 = 1" in self.system_info
         return self.amx and self.has_patch("amx-bf16") and built
 
-    @property
-    def split_f32_on_amx(self) -> bool:
-        """Whether f32 weights can run on the AMX-BF16 tiles as two bf16 halves (patch llama.cpp/0012)."""
-        return self.bf16_on_amx and self.has_patch("amx-f32")
-
     def fastest_type(self) -> str:
         """The GGUF type to convert to for speed on this build: bf16 where it runs on AMX, else q8_0."""
         return "bf16" if self.bf16_on_amx else "q8_0"

@@ -24,6 +24,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp as ll
@@ -53,7 +54,7 @@ _DECODE_CODES = {
 
 _backend_lock = threading.Lock()
 _backend_ready = False
-# Model loads, one at a time: a load with split_f32 turns on a process-wide switch of the CPU backend.
+# Model loads, one at a time: a load with a WeightKernel turns on a process-wide switch of the CPU backend.
 _load_lock = threading.Lock()
 
 
@@ -73,19 +74,63 @@ def _bind_key_mask():
 _set_attn_key_mask = _bind_key_mask()
 
 
-def _bind_f32_split():
-    """ggml_backend_amx_set_f32_split from lfm2edge's patch llama.cpp/0012, or None where the loaded CPU
-    backend lacks it (no patch, no AMX-BF16). Asked of the backend itself (its get_proc_address), so a
-    release build's CPU variant, chosen at run time, answers for itself. The ggml functions are looked
-    up through libllama: a wheel's libggml.so is a copy of libggml.so.0, with a registry of its own."""
+@dataclass(frozen=True)
+class WeightKernel:
+    """A load option that runs a file's matmul weights on other AMX kernels: a switch of the CPU backend,
+    from one of lfm2edge's patches, on while llama.cpp places the weights of that one load."""
+
+    option: str  # load()'s argument
+    switch: bytes  # the backend function that turns it on
+    patch: str  # the patch that adds it (a part of its file name)
+    weight_type: str  # the GGUF type of the matmul weights it takes
+    what: str  # what it does, for errors
+
+
+SPLIT_F32 = WeightKernel("split_f32", b"ggml_backend_amx_set_f32_split", "amx-f32-as-bf16-halves", "F32",
+                         "runs f32 weights on AMX-BF16 tiles as two bf16 halves")
+DYNAMIC_INT8 = WeightKernel("dynamic_int8", b"ggml_backend_amx_set_bf16_int8", "amx-int8-dynamic", "BF16",
+                            "runs bf16 weights as int8 on AMX-INT8 tiles")
+WEIGHT_KERNELS = (SPLIT_F32, DYNAMIC_INT8)
+
+
+def weight_kernel_available(kernel: WeightKernel, info: BuildInfo | None = None) -> bool:
+    """Whether this build and CPU run ``kernel``: its patch, built with AMX-BF16."""
+    info = info or build_info()
+    return info.bf16_on_amx and info.has_patch(kernel.patch)
+
+
+def _bind_switch(kernel: WeightKernel):
+    """The CPU backend's switch for ``kernel``, or None where the loaded backend lacks it (no patch, no
+    AMX-BF16). Asked of the backend itself (its get_proc_address), so a release build's CPU variant,
+    chosen at run time, answers for itself. The ggml functions are looked up through libllama: a wheel's
+    libggml.so is a copy of libggml.so.0, with a registry of its own."""
     lib = ll.llama_cpp._lib
     lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
     lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
     lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
     reg = lib.ggml_backend_reg_by_name(b"CPU")
-    address = reg and lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_amx_set_f32_split")
+    address = reg and lib.ggml_backend_reg_get_proc_address(reg, kernel.switch)
     return ctypes.CFUNCTYPE(None, ctypes.c_bool)(address) if address else None
+
+
+def choose_weight_kernel(weight_type: str | None, split_f32: bool = False,
+                         dynamic_int8: bool = False) -> WeightKernel | None:
+    """The kernel the load options ask for, checked against the file's matmul weight type (None: the
+    file's own kernels); InvalidInputError for both at once, ModelFileError for a file of another type."""
+    asked = [k for k, on in ((SPLIT_F32, split_f32), (DYNAMIC_INT8, dynamic_int8)) if on]
+    if len(asked) > 1:
+        raise InvalidInputError("split_f32 takes f32 files and dynamic_int8 bf16 files; pass one of the two")
+    if not asked:
+        return None
+    kernel = asked[0]
+    if weight_type != kernel.weight_type:
+        raise ModelFileError(
+            f"{kernel.option} {kernel.what}, and this file's matmul weights are {weight_type or 'of no known type'}; "
+            f"convert the checkpoint with `lfm2edge convert --outtype {kernel.weight_type.lower()}`, or load "
+            f"without {kernel.option}"
+        )
+    return kernel
 
 
 def supports_key_mask() -> bool:
@@ -118,12 +163,12 @@ class LlamaModel:
     matmul kernels differ from the plain CPU ones. None lets the build decide (on, except on
     unpatched AMX builds); False forces the plain CPU kernels; True forces them on (an unpatched
     AMX build then crashes on quantized models, llama.cpp #20824). ``self.extra_buffers`` is
-    the value in effect. ``split_f32`` places f32 matmul weights in the AMX buffer, split into
-    two bf16 halves each (patch ``llama.cpp/0012``); it needs that patch and the extra buffers.
+    the value in effect. ``weight_kernel`` (``choose_weight_kernel``) runs the matmul weights on
+    another AMX kernel of lfm2edge's patches; it needs that patch and the extra buffers.
     """
 
     def __init__(self, path: Path, n_gpu_layers: int | None = None, extra_buffers: bool | None = None,
-                 split_f32: bool = False):
+                 weight_kernel: WeightKernel | None = None):
         init_backend()
         params = ll.llama_model_default_params()
         if n_gpu_layers is not None:  # None keeps llama.cpp's default: offload where a GPU backend exists
@@ -139,12 +184,13 @@ class LlamaModel:
             params.use_extra_bufts = False
         self.extra_buffers = bool(params.use_extra_bufts)
         switch = None
-        if split_f32:
-            switch = _f32_split_switch(info, self.extra_buffers)
+        if weight_kernel is not None:
+            switch = _switch_for(weight_kernel, info, self.extra_buffers)
+        if weight_kernel is SPLIT_F32:
             # Every matmul weight is copied (split) into the AMX buffer, so a mapped file would only
             # add its pages to the process (1.4 GB for the 350M models); read it instead.
             params.load_mode = ll.LLAMA_LOAD_MODE_NONE
-        self.split_f32 = split_f32
+        self.weight_kernel = weight_kernel
         self.path = Path(path)
         # Contexts made on this model: closed before the weights they point into are freed.
         self._contexts: weakref.WeakSet[EmbeddingContext] = weakref.WeakSet()
@@ -209,18 +255,17 @@ class LlamaModel:
         _close_unless_exiting(self)
 
 
-def _f32_split_switch(info: BuildInfo, extra_buffers: bool):
-    """Patch 0012's switch, or FeatureUnavailableError naming why split_f32 cannot run here."""
-    switch = _bind_f32_split() if info.split_f32_on_amx else None
+def _switch_for(kernel: WeightKernel, info: BuildInfo, extra_buffers: bool):
+    """The kernel's switch, or FeatureUnavailableError naming why it cannot run here."""
+    switch = _bind_switch(kernel) if weight_kernel_available(kernel, info) else None
     if switch is None:
         raise FeatureUnavailableError(
-            "split_f32 runs f32 weights on AMX-BF16 tiles, which this build or CPU lacks "
-            f"({info.describe()}); load without split_f32 (plain f32), or build with `make setup` on a CPU "
-            "with AMX-BF16"
+            f"{kernel.option} {kernel.what}, which this build or CPU lacks ({info.describe()}); load without "
+            f"{kernel.option}, or build with `make setup` on a CPU with AMX-BF16"
         )
     if not extra_buffers:
         raise FeatureUnavailableError(
-            "split_f32 places f32 weights in llama.cpp's AMX buffer, and extra_buffers=False turns those "
+            f"{kernel.option} places weights in llama.cpp's AMX buffer, and extra_buffers=False turns those "
             "buffers off; drop one of the two"
         )
     return switch
@@ -228,7 +273,7 @@ def _f32_split_switch(info: BuildInfo, extra_buffers: bool):
 
 @contextlib.contextmanager
 def _switched_on(switch):
-    """Patch 0012's switch (None: no switch) on while llama.cpp places this model's weights (``_load_lock``
+    """A WeightKernel's switch (None: no switch) on while llama.cpp places this model's weights (``_load_lock``
     keeps other loads out meanwhile); a weight placed in the AMX buffer keeps its kernel once it is off."""
     if switch is None:
         yield

@@ -95,6 +95,12 @@ class ModelFile:
             )
         return found
 
+    @property
+    def matmul_weight_type(self) -> str | None:
+        """The GGUF type of the FFN weights, the file's bulk (what `--outtype` chose); None without them."""
+        ffn = next((t for t in self.header.tensors if t.name.endswith("ffn_up.weight")), None)
+        return ffn.type_name if ffn else None
+
     def tensor_type_summary(self) -> dict[str, int]:
         return dict(Counter(t.type_name for t in self.header.tensors))
 
