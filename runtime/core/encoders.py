@@ -528,9 +528,10 @@ def load(
     against f32's 8e-10) at 1.6x the query and 2.1x the document speed of llama.cpp's f32 kernels here;
     FeatureUnavailableError where the build or CPU cannot. ``dynamic_int8`` (bf16 files, CPUs with
     AMX-BF16, patch ``llama.cpp/0013``): the weights are quantized at load to int8, one scale per output
-    column, and each matmul's activations to int8, one scale per token, on the AMX-INT8 tiles: about
-    0.6x bf16's query time and 0.8x its document time here, at ONNX Runtime's dynamic-int8 fidelity
-    (per-token cosine about 0.85 against PyTorch fp32 on the bench's random ColBERT, bf16 0.99).
+    column, and each matmul's activations to int8, one scale per token, on the AMX-INT8 tiles: 0.57x
+    bf16's query time here, far less faithful (per-token cosine 0.72 against PyTorch fp32 on the bench's
+    random ColBERT, bf16 0.97, ONNX Runtime's dynamic int8 0.56); a file that is not bf16 raises
+    ModelFileError.
     """
     if n_threads is not None:
         n_threads = _check_count("n_threads", n_threads, MAX_THREADS, f"; {MAX_THREADS} is ggml's limit, and "
