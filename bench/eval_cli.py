@@ -82,6 +82,10 @@ def eval_command(
     storage: Annotated[str, typer.Option(
         "--storage", help="index vector storage to compare: float16, int8 or both")] = "float16",
     recall_k: Annotated[str, typer.Option("--recall-k", help="cut-offs for Recall@k")] = "20,100",
+    weight_kernel: Annotated[str | None, typer.Option(
+        "--weight-kernel", help="load options to evaluate as rows of their own, each for the GGUFs of the type "
+        "it takes: dynamic_int8 (bf16 files: int8 on AMX tiles), split_f32 (f32 files); comma-separated",
+        show_default=False)] = None,
     threads: Threads = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="texts per encoding batch")] = 32,
     cache_dir: Annotated[Path | None, typer.Option(
@@ -125,7 +129,7 @@ def eval_command(
             raise InvalidInputError(f"--plot {plot}: name a .png, .svg or .pdf file")
     if save_run is not None:
         _check_output_folder(save_run, "--save-run")
-    specs = model_specs(models)
+    specs = model_specs(models, _csv(weight_kernel, "--weight-kernel"))
     datasets = load_datasets(dataset, split)
     if save_run is not None:
         for ds in datasets:

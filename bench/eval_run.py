@@ -55,6 +55,7 @@ class ModelSpec:
     label: str  # the table's name for it: the GGUF's file name, or "<checkpoint> (reference)"
     source: str  # as given: a GGUF path, a checkpoint folder or a hub id
     reference: bool  # a checkpoint, run through the PyTorch reference
+    weight_kernel: str | None = None  # a GGUF loaded with this load option (split_f32, dynamic_int8) set
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,9 @@ class DatasetResult:
     run: Run = field(repr=False)
 
 
-def model_specs(models: Sequence[str]) -> list[ModelSpec]:
-    """What each MODEL argument is: a GGUF file, or a checkpoint folder / hub id for the reference."""
+def model_specs(models: Sequence[str], weight_kernels: Sequence[str] = ()) -> list[ModelSpec]:
+    """What each MODEL argument is: a GGUF file, or a checkpoint folder / hub id for the reference; then, for
+    each of ``weight_kernels`` (load options), every GGUF of the type it takes again, loaded with it."""
     specs = []
     for given in models:
         path = Path(given).expanduser()
@@ -104,9 +106,36 @@ def model_specs(models: Sequence[str]) -> list[ModelSpec]:
             )
     labels = [s.label for s in specs]
     # Two files of the same name (f16/model.gguf, q8_0/model.gguf): name them by the path given instead.
-    return [
+    specs = [
         ModelSpec(s.source if labels.count(s.label) > 1 else s.label, s.source, s.reference) for s in specs
     ]
+    return specs + _weight_kernel_specs(specs, weight_kernels)
+
+
+def _weight_kernel_specs(specs: Sequence[ModelSpec], options: Sequence[str]) -> list[ModelSpec]:
+    """A row per (load option, GGUF of the type it takes); InvalidInputError for an unknown option or one
+    that no GGUF given takes, FeatureUnavailableError where this build or CPU cannot run it."""
+    from lfm2edge.runtime.core.llama import WEIGHT_KERNELS, weight_kernel_available
+    from lfm2edge.runtime.core.model_file import describe
+
+    kernels = {k.option: k for k in WEIGHT_KERNELS}
+    out = []
+    for option in options:
+        kernel = kernels.get(option)
+        if kernel is None:
+            raise InvalidInputError(f"--weight-kernel takes {', '.join(kernels)}, not {option!r}")
+        takers = [s for s in specs if not s.reference and describe(s.source).matmul_weight_type == kernel.weight_type]
+        if not takers:
+            raise InvalidInputError(
+                f"--weight-kernel {option} takes {kernel.weight_type} GGUFs, and none was given; add one "
+                f"(`lfm2edge convert --outtype {kernel.weight_type.lower()}`)"
+            )
+        if not weight_kernel_available(kernel):
+            raise FeatureUnavailableError(
+                f"--weight-kernel {option} {kernel.what}, which this build or CPU lacks; leave it out"
+            )
+        out += [ModelSpec(f"{s.label} {option}", s.source, False, option) for s in takers]
+    return out
 
 
 def evaluate(
@@ -157,14 +186,16 @@ def _evaluate_gguf(
     identity = None
     done_modes: set[str] = set()
     for mode in modes:
-        with lfm2edge.load(spec.source, n_threads=opt.threads, query_expansion=mode) as encoder:
+        kernel = {spec.weight_kernel: True} if spec.weight_kernel else {}
+        with lfm2edge.load(spec.source, n_threads=opt.threads, query_expansion=mode, **kernel) as encoder:
             if colbert and encoder.query_expansion in done_modes:
                 # A file without query expansion runs every mode as "none": one row is enough.
                 log(f"{spec.label}: query expansion {mode!r} runs as {encoder.query_expansion!r}, "
                     "already evaluated")
                 continue
             done_modes.add(encoder.query_expansion if colbert else "")
-            identity = identity or model_identity(encoder)  # the content hash: read once per model
+            # the content hash (with the load option, whose vectors differ): read once per model
+            identity = identity or model_identity(encoder)
             for ds in datasets:
                 cached = {
                     (storage, pf): document_index(

@@ -343,6 +343,31 @@ def test_the_reference_row_sits_beside_the_gguf(
     assert all(r["datasets"]["lang_a"]["encoded_documents"] == 0 for r in rows)
 
 
+def test_a_weight_kernel_row_encodes_and_caches_its_own_documents(
+    beir: Path, colbert_checkpoint: Path, tmp_path: Path
+) -> None:
+    """--weight-kernel dynamic_int8 adds a row for the bf16 GGUF loaded with it. Its vectors differ from the
+    file's own, so its documents are encoded and cached apart from the plain row's (another identity)."""
+    from lfm2edge.convert.pipeline import convert
+    from lfm2edge.runtime.core.llama import DYNAMIC_INT8, weight_kernel_available
+
+    if not weight_kernel_available(DYNAMIC_INT8):
+        pytest.skip("this build or CPU has no dynamic_int8 (patch llama.cpp/0013 on AMX)")
+    bf16 = convert(colbert_checkpoint, tmp_path / "colbert-bf16.gguf", "bf16")
+    args = (bf16, "--dataset", beir / "lang_a", "--cache-dir", tmp_path / "cache", "--query-expansion", "none",
+            "--weight-kernel", "dynamic_int8", "--json", tmp_path / "r.json", "--no-progress", "--threads", "1")
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    rows = {r["model"]: r for r in json.loads((tmp_path / "r.json").read_text())["rows"]}
+    assert sorted(rows) == ["colbert-bf16", "colbert-bf16 dynamic_int8"]
+    assert all(r["datasets"]["lang_a"]["encoded_documents"] == 5 for r in rows.values())
+    assert rows["colbert-bf16 dynamic_int8"]["average"]["Recall@100"] == pytest.approx(1.0)
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert all(r["datasets"]["lang_a"]["encoded_documents"] == 0 for r in rows)  # each found its own cache
+
+
 @pytest.mark.parametrize(
     "name", ["bad JSON line", "qrels column count", "qrels unknown document", "empty corpus"]
 )
@@ -365,6 +390,8 @@ def test_cli_malformed_data_is_one_error_line_and_exit_2(
         (["--pool-factor", "0"], "--pool-factor takes positive integers"),
         (["--plot", "chart.gif"], "name a .png, .svg or .pdf"),
         (["--json", "/nonexistent-folder/x.json"], "does not exist"),
+        (["--weight-kernel", "fast"], "--weight-kernel takes split_f32, dynamic_int8, not 'fast'"),
+        (["--weight-kernel", "dynamic_int8"], "--weight-kernel dynamic_int8 takes BF16 GGUFs, and none was given"),
     ],
 )
 def test_cli_bad_options_are_refused_before_any_work(

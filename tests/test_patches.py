@@ -332,6 +332,26 @@ def test_dynamic_int8_matmuls_are_the_int8_products_bit_for_bit(tmp_path):
         np.testing.assert_array_equal(out, _int8_product(x, rows.view(np.float32)), err_msg=name)
 
 
+def test_an_index_built_on_bf16_refuses_a_dynamic_int8_encoder(tmp_path):
+    """dynamic_int8's vectors are not the file's own: it is part of the model identity, so an index built one
+    way refuses the other encoder with a typed error instead of mixing the two."""
+    import lfm2edge
+    from lfm2edge.convert.pipeline import convert
+    from lfm2edge.convert.synthetic import TINY, make_checkpoint
+    from lfm2edge.runtime.storage.index import Index, IndexModelMismatchError, model_identity
+
+    _require_amx_bf16()
+    require_patch("amx-int8-dynamic")
+    bf16 = convert(make_checkpoint(tmp_path / "ckpt", "colbert", TINY), tmp_path / "bf16.gguf", "bf16")
+    with lfm2edge.load(bf16, n_threads=2) as plain, lfm2edge.load(bf16, n_threads=2, dynamic_int8=True) as int8:
+        assert int8.weight_kernel == "dynamic_int8" and plain.weight_kernel is None
+        assert model_identity(int8) == model_identity(plain) + "+dynamic_int8"
+        with Index.create(tmp_path / "index", plain) as index:
+            index.add(["a document about things"], ids=["d"])
+        with pytest.raises(IndexModelMismatchError, match=r"\+dynamic_int8.*loaded the same way"):
+            Index.open(tmp_path / "index", int8)
+
+
 def test_weight_kernels_need_their_file_type_and_one_at_a_time(colbert_gguf):
     import lfm2edge
     from lfm2edge.runtime.core.errors import InvalidInputError, ModelFileError

@@ -189,6 +189,12 @@ class Encoder:
         """Whether bf16 weights run as int8 on the AMX tiles (``load(..., dynamic_int8=True)``)."""
         return self._model.weight_kernel is DYNAMIC_INT8
 
+    @property
+    def weight_kernel(self) -> str | None:
+        """The load option that runs the weights on another kernel ("split_f32", "dynamic_int8"), or None."""
+        kernel = self._model.weight_kernel
+        return kernel.option if kernel else None
+
     def tokenize(self, text: str) -> np.ndarray:
         """Token ids as the model's HF tokenizer gives them (BOS first, added tokens matched)."""
         if not isinstance(text, str):

@@ -71,9 +71,13 @@ _IDENTITIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def model_identity(encoder) -> str:
-    """The encoder's GGUF identity, hashed once per encoder (it reads the whole file)."""
+    """The encoder's GGUF identity, hashed once per encoder (it reads the whole file). A load option that
+    runs the weights on another kernel (``encoder.weight_kernel``: split_f32, dynamic_int8) gives other
+    vectors, so it is part of the identity: an index built one way refuses queries encoded the other."""
     if encoder not in _IDENTITIES:
-        _IDENTITIES[encoder] = encoder.model_file.header.identity()
+        identity = encoder.model_file.header.identity()
+        kernel = getattr(encoder, "weight_kernel", None)
+        _IDENTITIES[encoder] = f"{identity}+{kernel}" if kernel else identity
     return _IDENTITIES[encoder]
 
 

@@ -273,8 +273,8 @@ class Index:
                 f"the index at {self.path} was built by another model "
                 f"(identity {s.identity}, {s.kind.value}, "
                 f"dim {s.dim}, from {s.model_path or 'an unknown path'}); {encoder.path} is {ours} "
-                f"({encoder.kind.value}, dim {encoder.dim}). Open it with the model that built it, "
-                "or build a new index for this model."
+                f"({encoder.kind.value}, dim {encoder.dim}). Open it with the model that built it, loaded the "
+                "same way (split_f32 and dynamic_int8 give other vectors), or build a new index for this model."
             )
 
     # -- state --------------------------------------------------------------------------------------------
