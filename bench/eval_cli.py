@@ -84,7 +84,8 @@ def eval_command(
     recall_k: Annotated[str, typer.Option("--recall-k", help="cut-offs for Recall@k")] = "20,100",
     weight_kernel: Annotated[str | None, typer.Option(
         "--weight-kernel", help="load options to evaluate as rows of their own, each for the GGUFs of the type "
-        "it takes: dynamic_int8 (bf16 files: int8 on AMX tiles), split_f32 (f32 files); comma-separated",
+        "it takes: dynamic_int8 (bf16 files: int8 on AMX tiles), split_f32 and ozaki_f32 (f32 files); "
+        "comma-separated",
         show_default=False)] = None,
     threads: Threads = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="texts per encoding batch")] = 32,

@@ -55,7 +55,7 @@ class ModelSpec:
     label: str  # the table's name for it: the GGUF's file name, or "<checkpoint> (reference)"
     source: str  # as given: a GGUF path, a checkpoint folder or a hub id
     reference: bool  # a checkpoint, run through the PyTorch reference
-    weight_kernel: str | None = None  # a GGUF loaded with this load option (split_f32, dynamic_int8) set
+    weight_kernel: str | None = None  # a GGUF loaded with this load option (split_f32, dynamic_int8, ozaki_f32) set
 
 
 @dataclass(frozen=True)
@@ -115,15 +115,12 @@ def model_specs(models: Sequence[str], weight_kernels: Sequence[str] = ()) -> li
 def _weight_kernel_specs(specs: Sequence[ModelSpec], options: Sequence[str]) -> list[ModelSpec]:
     """A row per (load option, GGUF of the type it takes); InvalidInputError for an unknown option or one
     that no GGUF given takes, FeatureUnavailableError where this build or CPU cannot run it."""
-    from lfm2edge.runtime.core.llama import WEIGHT_KERNELS, weight_kernel_available
+    from lfm2edge.runtime.core.llama import weight_kernel_available, weight_kernel_named
     from lfm2edge.runtime.core.model_file import describe
 
-    kernels = {k.option: k for k in WEIGHT_KERNELS}
     out = []
     for option in options:
-        kernel = kernels.get(option)
-        if kernel is None:
-            raise InvalidInputError(f"--weight-kernel takes {', '.join(kernels)}, not {option!r}")
+        kernel = weight_kernel_named(option)
         takers = [s for s in specs if not s.reference and describe(s.source).matmul_weight_type == kernel.weight_type]
         if not takers:
             raise InvalidInputError(

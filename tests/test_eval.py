@@ -390,7 +390,7 @@ def test_cli_malformed_data_is_one_error_line_and_exit_2(
         (["--pool-factor", "0"], "--pool-factor takes positive integers"),
         (["--plot", "chart.gif"], "name a .png, .svg or .pdf"),
         (["--json", "/nonexistent-folder/x.json"], "does not exist"),
-        (["--weight-kernel", "fast"], "--weight-kernel takes split_f32, dynamic_int8, not 'fast'"),
+        (["--weight-kernel", "fast"], "'fast' is not a weight kernel; the options are split_f32 (f32 files), dynamic_int8"),
         (["--weight-kernel", "dynamic_int8"], "--weight-kernel dynamic_int8 takes BF16 GGUFs, and none was given"),
     ],
 )

@@ -273,6 +273,39 @@ def test_dynamic_int8_runs_bf16_weights_as_int8_for_that_load_only(tmp_path):
         assert 10 * error_bf16 < error < 0.005
 
 
+def _captured_matmuls(path, weights, **options) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """For every matmul over ``weights`` in one document decode: its input and output as llama.cpp computed
+    them (float32 rows, read through the eval callback)."""
+    import ctypes
+
+    import lfm2edge
+    from lfm2edge.bench.profile import GgmlTensor
+    from lfm2edge.runtime.core.llama import EmbeddingContext
+
+    captured: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def floats(t: GgmlTensor) -> np.ndarray:
+        rows, cols = t.ne[1], t.ne[0]
+        assert t.nb[1] == 4 * cols  # contiguous float32 rows
+        return np.ctypeslib.as_array((ctypes.c_float * (rows * cols)).from_address(t.data)).reshape(rows, cols).copy()
+
+    def record(address: int, ask: bool) -> bool:
+        node = GgmlTensor.from_address(address)
+        weight = GgmlTensor.from_address(node.src[0]).name.decode() if node.src[0] else ""
+        if not ask and weight in weights and weight != "token_embd.weight":
+            captured[weight] = floats(GgmlTensor.from_address(node.src[1])), floats(node)
+        return True
+
+    with lfm2edge.load(path, n_threads=2, **options) as enc:
+        ids = enc.prepare_document("a document of some forty tokens about different things " * 6)
+        ctx = EmbeddingContext(enc._model, enc.max_batch_tokens, 1, 2, eval_callback=record)
+        try:
+            ctx.decode([ids], None)
+        finally:
+            ctx.close()
+    return captured
+
+
 def _int8_product(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x [M, K] . weight [N, K]^T as patch amx-int8-dynamic defines it, in float32 where the kernel is:
     q = round(v * (127 / max |v|)) per row of each, integer sums exact, then sum * (s_x s_w)."""
@@ -290,41 +323,16 @@ def test_dynamic_int8_matmuls_are_the_int8_products_bit_for_bit(tmp_path):
     """Every matmul the AMX buffer takes (N a multiple of 32) in a decode under load(dynamic_int8=True), taken
     from the graph as llama.cpp computed it: its output is the int8 product of its own input and the bf16
     file's weight, bit for bit."""
-    import ctypes
-
     import gguf
 
-    import lfm2edge
-    from lfm2edge.bench.profile import GgmlTensor
     from lfm2edge.convert.pipeline import convert
-    from lfm2edge.runtime.core.llama import EmbeddingContext
 
     _require_amx_bf16()
     require_patch("amx-int8-dynamic")
     bf16 = convert(_amx_sized_checkpoint(tmp_path), tmp_path / "bf16.gguf", "bf16")
     weights = {t.name: t for t in gguf.GGUFReader(bf16).tensors
                if t.tensor_type == gguf.GGMLQuantizationType.BF16 and t.shape[1] % 32 == 0}
-    captured: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def floats(t: GgmlTensor) -> np.ndarray:
-        rows, cols = t.ne[1], t.ne[0]
-        assert t.nb[1] == 4 * cols  # contiguous float32 rows
-        return np.ctypeslib.as_array((ctypes.c_float * (rows * cols)).from_address(t.data)).reshape(rows, cols).copy()
-
-    def record(address: int, ask: bool) -> bool:
-        node = GgmlTensor.from_address(address)
-        weight = GgmlTensor.from_address(node.src[0]).name.decode() if node.src[0] else ""
-        if not ask and weight in weights and weight != "token_embd.weight":
-            captured[weight] = floats(GgmlTensor.from_address(node.src[1])), floats(node)
-        return True
-
-    with lfm2edge.load(bf16, n_threads=2, dynamic_int8=True) as enc:
-        ids = enc.prepare_document("a document of some forty tokens about different things " * 6)
-        ctx = EmbeddingContext(enc._model, enc.max_batch_tokens, 1, 2, eval_callback=record)
-        try:
-            ctx.decode([ids], None)
-        finally:
-            ctx.close()
+    captured = _captured_matmuls(bf16, weights, dynamic_int8=True)
     # every matmul weight of both layers (the test model's 16-wide dense_2 stays on the bf16 kernel)
     assert len(captured) == 12 and {"blk.0.shortconv.in_proj.weight", "blk.1.attn_v.weight"} <= captured.keys()
     for name, (x, out) in captured.items():
@@ -358,8 +366,10 @@ def test_weight_kernels_need_their_file_type_and_one_at_a_time(colbert_gguf):
 
     with pytest.raises(ModelFileError, match=r"dynamic_int8 .* matmul weights are F32; convert .* --outtype bf16"):
         lfm2edge.load(colbert_gguf, n_threads=2, dynamic_int8=True)
-    with pytest.raises(InvalidInputError, match="pass one of the two"):
+    with pytest.raises(InvalidInputError, match="split_f32 and dynamic_int8 were both asked for .* pass one of them"):
         lfm2edge.load(colbert_gguf, n_threads=2, dynamic_int8=True, split_f32=True)
+    with pytest.raises(InvalidInputError, match="split_f32 and ozaki_f32 were both asked for"):
+        lfm2edge.load(colbert_gguf, n_threads=2, ozaki_f32=True, split_f32=True)
 
 
 def test_dynamic_int8_needs_the_extra_buffers(tmp_path):
@@ -373,6 +383,112 @@ def test_dynamic_int8_needs_the_extra_buffers(tmp_path):
     bf16 = convert(make_checkpoint(tmp_path / "ckpt", "colbert", TINY), tmp_path / "bf16.gguf", "bf16")
     with pytest.raises(FeatureUnavailableError, match="dynamic_int8 places .* extra_buffers=False"):
         lfm2edge.load(bf16, n_threads=2, extra_buffers=False, dynamic_int8=True)
+
+
+def _sliced_product(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x [M, K] . weight [N, K]^T as patch amx-f32-as-int8-slices defines it: per row of each a power-of-two
+    scale s with max |v| / s in [63.5, 127], four int8 slices of v / s in steps of 2^-7 (float32 steps, exact),
+    the slice products with index sum d < 4 summed exactly, times 2^-7d s_x s_w in float64, rounded once."""
+    def slices(v):
+        amax = np.abs(v).max(axis=1, keepdims=True)
+        _, e = np.frexp(amax)
+        s = np.ldexp(np.float32(1), e - 7).astype(np.float32)
+        s = np.where(amax / s > 127, 2 * s, s)
+        s = np.where(amax >= np.float32(1e-30), s, np.float32(0))
+        x = v * np.where(s > 0, np.float32(1) / np.where(s > 0, s, 1), 0).astype(np.float32)
+        out = []
+        for _ in range(4):
+            q = np.rint(x)
+            out.append(q.astype(np.int64))
+            x = (x - q) * np.float32(128)
+        return out, s.astype(np.float64)
+
+    (qx, sx), (qw, sw) = slices(x.astype(np.float32)), slices(weight.astype(np.float32))
+    total = sum(sum(qx[i] @ qw[d - i].T for i in range(d + 1)).astype(np.float64) * 2.0 ** (-7 * d)
+                for d in range(4))
+    return (total * (sx * sw.T)).astype(np.float32)
+
+
+def test_ozaki_f32_matmuls_are_the_exact_slice_products_bit_for_bit(tmp_path):
+    """Every matmul the AMX buffer takes (N a multiple of 32) in a decode under load(ozaki_f32=True), taken
+    from the graph as llama.cpp computed it: its output is the sliced product of its own input and the f32
+    file's weight, bit for bit, and differs from the plain f32 kernels' (another kernel ran)."""
+    import gguf
+
+    from lfm2edge.convert.pipeline import convert
+
+    _require_amx_bf16()
+    require_patch("amx-f32-as-int8-slices")
+    f32 = convert(_amx_sized_checkpoint(tmp_path), tmp_path / "f32.gguf", "f32")
+    weights = {t.name: t for t in gguf.GGUFReader(f32).tensors
+               if t.tensor_type == gguf.GGMLQuantizationType.F32 and len(t.shape) == 2 and t.shape[1] % 32 == 0}
+    captured = _captured_matmuls(f32, weights, ozaki_f32=True)
+    # every matmul weight of both layers (the test model's 16-wide dense_2 stays on the f32 kernels)
+    assert len(captured) == 12 and {"blk.0.shortconv.in_proj.weight", "blk.1.attn_v.weight"} <= captured.keys()
+    plain = _captured_matmuls(f32, weights)
+    for name, (x, out) in captured.items():
+        w = np.asarray(weights[name].data, dtype=np.float32)
+        np.testing.assert_array_equal(out, _sliced_product(x, w), err_msg=name)
+        px, pout = plain[name]
+        if name == "blk.0.shortconv.in_proj.weight":  # the first matmul: the same input both ways
+            np.testing.assert_array_equal(px, x)
+            assert np.abs(pout - out).max() > 0
+
+
+def test_ozaki_f32_is_nearer_float64_than_llama_cpp_f32_for_that_load_only(tmp_path):
+    """load(ozaki_f32=True) brings an f32 file's vectors nearer a float64 PyTorch reference than llama.cpp's
+    own f32 kernels do, and far nearer than split_f32's bf16 halves; loads before and after keep f32's
+    vectors bit for bit."""
+    import torch
+
+    import lfm2edge
+    from lfm2edge.convert.pipeline import convert
+    from lfm2edge.convert.reference import ReferenceEncoder
+
+    _require_amx_bf16()
+    require_patch("amx-f32-as-int8-slices")
+    ckpt = _amx_sized_checkpoint(tmp_path)
+    f32 = convert(ckpt, tmp_path / "f32.gguf", "f32")
+    query, text = "which things are different?", "a long enough document about many different things " * 12
+    reference = ReferenceEncoder.from_checkpoint(ckpt, dtype=torch.float64)
+    truth = reference.encode_query(query), reference.encode_document(text)
+
+    def encode(**options):
+        with lfm2edge.load(f32, n_threads=2, **options) as enc:
+            return enc.ozaki_f32, (enc.encode_query(query), enc.encode_document(text))
+
+    _, before = encode()
+    on, sliced = encode(ozaki_f32=True)
+    off, after = encode()
+    _, halves = encode(split_f32=True)
+    assert on and not off
+    for b, a in zip(before, after, strict=True):
+        np.testing.assert_array_equal(b, a)
+    for i, kind in enumerate(("query", "document")):
+        error = {name: float((1 - row_cosines(v[i], truth[i])).mean())
+                 for name, v in (("ozaki", sliced), ("f32", before), ("split", halves))}
+        # measured (query, document): 1.4e-13 and 8.1e-13, against f32's 3.6e-13 and 1.1e-12, split's 3.6e-10 and 2.5e-10
+        assert error["ozaki"] < error["f32"] and error["ozaki"] < 0.01 * error["split"], (kind, error)
+
+
+def test_ozaki_f32_needs_an_f32_file_and_the_extra_buffers(tmp_path, colbert_gguf):
+    import lfm2edge
+    from lfm2edge.convert.pipeline import convert
+    from lfm2edge.convert.synthetic import TINY, make_checkpoint
+    from lfm2edge.runtime.core.errors import FeatureUnavailableError, ModelFileError
+    from lfm2edge.runtime.storage.documents import model_identity
+
+    bf16 = convert(make_checkpoint(tmp_path / "ckpt", "colbert", TINY), tmp_path / "bf16.gguf", "bf16")
+    with pytest.raises(ModelFileError, match=r"ozaki_f32 .* matmul weights are BF16; convert .* --outtype f32"):
+        lfm2edge.load(bf16, n_threads=2, ozaki_f32=True)
+    _require_amx_bf16()
+    require_patch("amx-f32-as-int8-slices")
+    with pytest.raises(FeatureUnavailableError, match="ozaki_f32 places .* extra_buffers=False"):
+        lfm2edge.load(colbert_gguf, n_threads=2, extra_buffers=False, ozaki_f32=True)
+    with lfm2edge.load(colbert_gguf, n_threads=2) as plain, \
+            lfm2edge.load(colbert_gguf, n_threads=2, ozaki_f32=True) as sliced:
+        assert sliced.weight_kernel == "ozaki_f32" and sliced.ozaki_f32 and not plain.ozaki_f32
+        assert model_identity(sliced) == model_identity(plain) + "+ozaki_f32"
 
 
 def test_exact_mode_runs_flash_attention_over_f32(colbert_gguf, colbert_reference, sample):

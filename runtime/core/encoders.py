@@ -41,6 +41,7 @@ from lfm2edge.runtime.core.errors import (
 )
 from lfm2edge.runtime.core.llama import (
     DYNAMIC_INT8,
+    OZAKI_F32,
     SPLIT_F32,
     EmbeddingContext,
     LlamaModel,
@@ -190,8 +191,13 @@ class Encoder:
         return self._model.weight_kernel is DYNAMIC_INT8
 
     @property
+    def ozaki_f32(self) -> bool:
+        """Whether f32 weights run as int8 slices on the AMX tiles (``load(..., ozaki_f32=True)``)."""
+        return self._model.weight_kernel is OZAKI_F32
+
+    @property
     def weight_kernel(self) -> str | None:
-        """The load option that runs the weights on another kernel ("split_f32", "dynamic_int8"), or None."""
+        """The load option that runs the weights on another kernel ("split_f32", "dynamic_int8", "ozaki_f32"), or None."""
         kernel = self._model.weight_kernel
         return kernel.option if kernel else None
 
@@ -506,6 +512,7 @@ def load(
     concurrent_decodes: bool = True,
     split_f32: bool = False,
     dynamic_int8: bool = False,
+    ozaki_f32: bool = False,
 ) -> DenseEncoder | ColBERTEncoder:
     """Open a GGUF as a DenseEncoder or a ColBERTEncoder, chosen from the file.
 
@@ -537,7 +544,12 @@ def load(
     column, and each matmul's activations to int8, one scale per token, on the AMX-INT8 tiles: 0.57x
     bf16's query time here, far less faithful (per-token cosine 0.72 against PyTorch fp32 on the bench's
     random ColBERT, bf16 0.97, ONNX Runtime's dynamic int8 0.56); a file that is not bf16 raises
-    ModelFileError.
+    ModelFileError. ``ozaki_f32`` (f32 files, CPUs with AMX-BF16, patch ``llama.cpp/0014``): Ozaki's
+    scheme, each f32 weight and activation written as four int8 slices under one power-of-two scale per
+    column and per token (28 bits below the largest value), every slice product summed exactly in int32
+    on the AMX-INT8 tiles and each output rounded to float once: nearer a float64 reference than f32
+    itself (1 - cosine 2.3e-10 per token on the bench's random ColBERT, f32 3.3e-10, ONNX Runtime fp32
+    4.2e-10), at about the fp32 peers' speed here; a file that is not f32 raises ModelFileError.
     """
     if n_threads is not None:
         n_threads = _check_count("n_threads", n_threads, MAX_THREADS, f"; {MAX_THREADS} is ggml's limit, and "
@@ -551,7 +563,7 @@ def load(
         raise ModelFileError(f"{path} cannot be used as a retriever:\n- " + "\n- ".join(problems))
     if query_expansion is not None and model_file.kind is ModelKind.DENSE:
         raise InvalidInputError("query_expansion applies to ColBERT models only; this file is a dense model")
-    weight_kernel = choose_weight_kernel(model_file.matmul_weight_type, split_f32, dynamic_int8)
+    weight_kernel = choose_weight_kernel(model_file.matmul_weight_type, split_f32, dynamic_int8, ozaki_f32)
     model = LlamaModel(Path(path), n_gpu_layers, extra_buffers, weight_kernel)
     common = dict(
         model_file=model_file,

@@ -84,13 +84,29 @@ class WeightKernel:
     patch: str  # the patch that adds it (a part of its file name)
     weight_type: str  # the GGUF type of the matmul weights it takes
     what: str  # what it does, for errors
+    # Every matmul weight is rewritten into the AMX buffer, so a mapped f32 file would only add its pages to
+    # the process (1.4 GB for the 350M models): read it instead.
+    read_file: bool = False
 
 
 SPLIT_F32 = WeightKernel("split_f32", b"ggml_backend_amx_set_f32_split", "amx-f32-as-bf16-halves", "F32",
-                         "runs f32 weights on AMX-BF16 tiles as two bf16 halves")
+                         "runs f32 weights on AMX-BF16 tiles as two bf16 halves", read_file=True)
 DYNAMIC_INT8 = WeightKernel("dynamic_int8", b"ggml_backend_amx_set_bf16_int8", "amx-int8-dynamic", "BF16",
                             "runs bf16 weights as int8 on AMX-INT8 tiles")
-WEIGHT_KERNELS = (SPLIT_F32, DYNAMIC_INT8)
+OZAKI_F32 = WeightKernel("ozaki_f32", b"ggml_backend_amx_set_f32_int8_slices", "amx-f32-as-int8-slices", "F32",
+                         "runs f32 weights on AMX-INT8 tiles as four int8 slices", read_file=True)
+WEIGHT_KERNELS = (SPLIT_F32, DYNAMIC_INT8, OZAKI_F32)
+
+
+def weight_kernel_named(option: str) -> WeightKernel:
+    """The kernel whose load option is ``option``; InvalidInputError naming the options otherwise."""
+    for kernel in WEIGHT_KERNELS:
+        if kernel.option == option:
+            return kernel
+    raise InvalidInputError(
+        f"{option!r} is not a weight kernel; the options are "
+        + ", ".join(f"{k.option} ({k.weight_type.lower()} files)" for k in WEIGHT_KERNELS)
+    )
 
 
 def weight_kernel_available(kernel: WeightKernel, info: BuildInfo | None = None) -> bool:
@@ -114,13 +130,16 @@ def _bind_switch(kernel: WeightKernel):
     return ctypes.CFUNCTYPE(None, ctypes.c_bool)(address) if address else None
 
 
-def choose_weight_kernel(weight_type: str | None, split_f32: bool = False,
-                         dynamic_int8: bool = False) -> WeightKernel | None:
+def choose_weight_kernel(weight_type: str | None, split_f32: bool = False, dynamic_int8: bool = False,
+                         ozaki_f32: bool = False) -> WeightKernel | None:
     """The kernel the load options ask for, checked against the file's matmul weight type (None: the
-    file's own kernels); InvalidInputError for both at once, ModelFileError for a file of another type."""
-    asked = [k for k, on in ((SPLIT_F32, split_f32), (DYNAMIC_INT8, dynamic_int8)) if on]
+    file's own kernels); InvalidInputError for more than one, ModelFileError for a file of another type."""
+    flags = {SPLIT_F32: split_f32, DYNAMIC_INT8: dynamic_int8, OZAKI_F32: ozaki_f32}
+    asked = [k for k, on in flags.items() if on]
     if len(asked) > 1:
-        raise InvalidInputError("split_f32 takes f32 files and dynamic_int8 bf16 files; pass one of the two")
+        takes = ", ".join(f"{k.option} takes {k.weight_type.lower()} files" for k in WEIGHT_KERNELS)
+        raise InvalidInputError(f"{' and '.join(k.option for k in asked)} were both asked for ({takes}); "
+                                "pass one of them")
     if not asked:
         return None
     kernel = asked[0]
@@ -186,9 +205,7 @@ class LlamaModel:
         switch = None
         if weight_kernel is not None:
             switch = _switch_for(weight_kernel, info, self.extra_buffers)
-        if weight_kernel is SPLIT_F32:
-            # Every matmul weight is copied (split) into the AMX buffer, so a mapped file would only
-            # add its pages to the process (1.4 GB for the 350M models); read it instead.
+        if weight_kernel is not None and weight_kernel.read_file:
             params.load_mode = ll.LLAMA_LOAD_MODE_NONE
         self.weight_kernel = weight_kernel
         self.path = Path(path)

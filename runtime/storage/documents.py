@@ -72,13 +72,18 @@ _IDENTITIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def model_identity(encoder) -> str:
     """The encoder's GGUF identity, hashed once per encoder (it reads the whole file). A load option that
-    runs the weights on another kernel (``encoder.weight_kernel``: split_f32, dynamic_int8) gives other
+    runs the weights on another kernel (``encoder.weight_kernel``: split_f32, dynamic_int8, ozaki_f32) gives other
     vectors, so it is part of the identity: an index built one way refuses queries encoded the other."""
     if encoder not in _IDENTITIES:
         identity = encoder.model_file.header.identity()
         kernel = getattr(encoder, "weight_kernel", None)
         _IDENTITIES[encoder] = f"{identity}+{kernel}" if kernel else identity
     return _IDENTITIES[encoder]
+
+
+def recorded_weight_kernel(identity: str | None) -> str | None:
+    """The load option a model identity carries (``model_identity``'s "+option"), or None."""
+    return (identity or "").partition("+")[2] or None
 
 
 def check_ids(ids: object, n: int) -> list[str]:

@@ -274,7 +274,7 @@ class Index:
                 f"(identity {s.identity}, {s.kind.value}, "
                 f"dim {s.dim}, from {s.model_path or 'an unknown path'}); {encoder.path} is {ours} "
                 f"({encoder.kind.value}, dim {encoder.dim}). Open it with the model that built it, loaded the "
-                "same way (split_f32 and dynamic_int8 give other vectors), or build a new index for this model."
+                "same way (split_f32, dynamic_int8 and ozaki_f32 give other vectors), or build a new index for this model."
             )
 
     # -- state --------------------------------------------------------------------------------------------

@@ -212,7 +212,7 @@ class QdrantIndex:
             raise IndexModelMismatchError(
                 f"the index at {self.location} was built by another model (identity {s.identity}, {s.kind.value}, "
                 f"dim {s.dim}, from {s.model_path or 'an unknown file'}); {encoder.path} is {ours}. Open it with "
-                "the model that built it, loaded the same way (split_f32 and dynamic_int8 give other vectors), "
+                "the model that built it, loaded the same way (split_f32, dynamic_int8 and ozaki_f32 give other vectors), "
                 "or build a new index for this model."
             )
 
