@@ -117,6 +117,12 @@ def bench(
         help="also measure each bf16 GGUF with load(dynamic_int8=True): weights and activations as int8 on AMX "
              "tiles (patch llama.cpp/0013), as a side labelled 'bf16 int8'; default: where this CPU and build run it",
         show_default=False)] = None,
+    ozaki_side: Annotated[bool | None, typer.Option(
+        "--ozaki-side/--no-ozaki-side",
+        help="also measure each f32 GGUF with load(ozaki_f32=True): f32 weights and activations as four int8 "
+             "slices, products exact on AMX tiles (patch llama.cpp/0014), as a side labelled 'f32 ozaki'; "
+             "default: where this CPU and build run it",
+        show_default=False)] = None,
     peers: Annotated[str | None, typer.Option(
         "--peers", help="also measure the other CPU backends on the same ids and threads, exported from the "
                         "reference (the 'peers' extra): onnxruntime (fp32, int8), openvino (default precision, "
@@ -175,6 +181,7 @@ def bench(
         amx_off_side=amx_off_side,
         split_f32_side=split_f32_side,
         int8_side=int8_side,
+        ozaki_side=ozaki_side,
         peers=parse_peers(peers),
         passes=passes or (1 if quick else 2),
         cache_dir=(cache_dir or default_cache_dir()).expanduser(),

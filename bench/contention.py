@@ -8,9 +8,12 @@ Every call follows an idle gap, as a person's queries do.
 
 Sides (``--sides``): ``adaptive`` (lfm2edge's default: threads follow the CPU other processes leave),
 ``fixed`` (all threads, every decode), ``fixed-nospin`` (the same with ``GOMP_SPINCOUNT=0``), ``one``
-(one thread), and ``openvino`` (its default precision, from ``--openvino MODEL.xml`` exported by
-``lfm2edge bench --peers openvino``, with ``--checkpoint``). Given several GGUFs (formats of one
-checkpoint), every thread policy runs each of them, as "<policy> <file name>". Given ``--build NAME=DIR``
+(one thread), and the peers, graphs exported by ``lfm2edge bench --peers onnxruntime,openvino`` (with
+``--checkpoint``, which prepares their texts): ``openvino`` (its default precision) and ``openvino-f32``
+from ``--openvino MODEL.xml``, ``onnxruntime`` from ``--onnx MODEL.onnx``. Given several GGUFs (formats of
+one checkpoint), every thread policy runs each of them, as "<policy> <file name>". Given ``--weight-kernel
+OPTION`` (comma-separated load options), every llama.cpp side of a GGUF that option takes runs once more
+with it, as "... +OPTION". Given ``--build NAME=DIR``
 (repeatable; DIR holds a llama.cpp build's libllama and libggml*, such as a copy of the installed
 ``llama_cpp/lib`` or a CMake build's ``bin``), every llama.cpp side runs once per build, as "... @NAME":
 two builds of a patch compared call by call, which one process cannot hold.
@@ -33,7 +36,9 @@ from lfm2edge.bench.load import busy_core
 from lfm2edge.bench.machine import system_busy_seconds
 from lfm2edge.bench.stats import Summary
 
-SIDES = ("adaptive", "fixed", "fixed-nospin", "one", "openvino")
+POLICIES = ("adaptive", "fixed", "fixed-nospin", "one")
+PEERS = ("openvino", "openvino-f32", "onnxruntime")  # the first two from --openvino, the last from --onnx
+SIDES = POLICIES + PEERS
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,10 @@ class SideConfig:
     name: str  # the label; for llama.cpp sides "<policy>" or "<policy> <file name>"
     gguf: str
     threads: int
-    openvino: str | None = None
+    graph: str | None = None  # a peer's exported graph (model.xml, model.onnx)
     checkpoint: str | None = None
     build: str | None = None  # a folder with another llama.cpp build's libraries (LLAMA_CPP_LIB_PATH)
+    weight_kernel: str | None = None  # a load option of the llama.cpp side (split_f32, ozaki_f32, ...)
 
 
 def _side_env(name: str) -> dict[str, str]:
@@ -56,10 +62,14 @@ def _worker(config: SideConfig, conn) -> None:
     os.environ.update(_side_env(policy))
     if config.build:
         os.environ["LLAMA_CPP_LIB_PATH"] = config.build  # read when llama_cpp is first imported
-    if policy == "openvino":
-        from lfm2edge.bench.peer_side import GraphEngine, openvino_graph
+    if policy in PEERS:
+        from lfm2edge.bench.peer_side import GraphEngine, onnxruntime_graph, openvino_graph
 
-        run_graph, _ = openvino_graph(Path(config.openvino), "default", config.threads)
+        if policy == "onnxruntime":
+            run_graph, _ = onnxruntime_graph(Path(config.graph), config.threads)
+        else:
+            fmt = "f32" if policy == "openvino-f32" else "default"
+            run_graph, _ = openvino_graph(Path(config.graph), fmt, config.threads)
         engine = GraphEngine(Path(config.checkpoint), run_graph, "pylate")
 
         def encode(kind: str, text: str) -> None:
@@ -67,8 +77,9 @@ def _worker(config: SideConfig, conn) -> None:
     else:
         import lfm2edge
 
+        kernel = {config.weight_kernel: True} if config.weight_kernel else {}
         enc = lfm2edge.load(config.gguf, n_threads=1 if policy == "one" else config.threads,
-                            adaptive_threads=policy == "adaptive")
+                            adaptive_threads=policy == "adaptive", **kernel)
 
         def encode(kind: str, text: str) -> None:
             enc.encode_query(text) if kind == "query" else enc.encode_document(text)
@@ -156,20 +167,30 @@ def run(configs: list[SideConfig], rounds: int, doc_rounds: int, gap_s: float, s
             "libraries": libraries, "sides": summaries}
 
 
-def side_configs(policies: list[str], ggufs: list[str], threads: int, openvino: str | None = None,
-                 checkpoint: str | None = None, builds: dict[str, str] | None = None) -> list[SideConfig]:
-    """Every llama.cpp policy over every GGUF (named by file when there are several) and every build
-    (named "@NAME"; none given: the installed one), then OpenVINO; the first GGUF's tokenizer counts the texts."""
+def side_configs(policies: list[str], ggufs: list[str], threads: int, graphs: dict[str, str] | None = None,
+                 checkpoint: str | None = None, builds: dict[str, str] | None = None,
+                 weight_kernels: list[str] | None = None) -> list[SideConfig]:
+    """Every llama.cpp policy over every GGUF (named by file when there are several), plain and with each
+    weight kernel that takes the file ("+OPTION"), and every build (named "@NAME"; none given: the installed
+    one), then the peers (``graphs``: peer -> graph); the first GGUF's tokenizer counts the texts."""
+    from lfm2edge.runtime.core.llama import weight_kernel_named
+    from lfm2edge.runtime.core.model_file import describe
+
+    kernels = [weight_kernel_named(k) for k in weight_kernels or []]
     configs = []
     for policy in policies:
-        if policy == "openvino":
-            configs.append(SideConfig(policy, ggufs[0], threads, openvino, checkpoint))
+        if policy in PEERS:
+            configs.append(SideConfig(policy, ggufs[0], threads, (graphs or {})[policy], checkpoint))
             continue
         for g in ggufs:
             name = policy if len(ggufs) == 1 else f"{policy} {Path(g).name}"
-            if not builds:
-                configs.append(SideConfig(name, g, threads))
-            configs += [SideConfig(f"{name} @{b}", g, threads, build=d) for b, d in (builds or {}).items()]
+            weight_type = describe(g).matmul_weight_type
+            for kernel in [None, *(k for k in kernels if k.weight_type == weight_type)]:
+                label, option = (f"{name} +{kernel.option}", kernel.option) if kernel else (name, None)
+                if not builds:
+                    configs.append(SideConfig(label, g, threads, weight_kernel=option))
+                configs += [SideConfig(f"{label} @{b}", g, threads, build=d, weight_kernel=option)
+                            for b, d in (builds or {}).items()]
     return configs
 
 
@@ -215,7 +236,10 @@ def main() -> None:
     ap.add_argument("--sides", default="adaptive,fixed,fixed-nospin,one")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--openvino", help="an OpenVINO IR (model.xml) of the same checkpoint")
-    ap.add_argument("--checkpoint", help="the checkpoint that prepares the OpenVINO side's texts")
+    ap.add_argument("--onnx", help="an ONNX graph (model.onnx) of the same checkpoint")
+    ap.add_argument("--checkpoint", help="the checkpoint that prepares the peer sides' texts")
+    ap.add_argument("--weight-kernel", default="", help="load options to run every llama.cpp side of a GGUF they "
+                    "take once more with, comma-separated (split_f32, dynamic_int8, ozaki_f32)")
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--doc-rounds", type=int, default=10)
     ap.add_argument("--gap", type=float, default=0.5)
@@ -225,11 +249,15 @@ def main() -> None:
                     help="run the llama.cpp sides on the build whose libraries are in DIR (repeatable)")
     args = ap.parse_args()
     names = [s.strip() for s in args.sides.split(",") if s.strip()]
+    graphs = {"openvino": args.openvino, "openvino-f32": args.openvino, "onnxruntime": args.onnx}
     unknown = [n for n in names if n not in SIDES]
-    if unknown or ("openvino" in names and not (args.openvino and args.checkpoint)):
-        ap.error(f"sides are among {', '.join(SIDES)}; openvino needs --openvino and --checkpoint")
-    configs = side_configs(names, args.gguf, args.threads, args.openvino, args.checkpoint,
-                           dict(args.build) if args.build else None)
+    missing = [n for n in names if n in PEERS and not (graphs[n] and args.checkpoint)]
+    if unknown or missing:
+        ap.error(f"sides are among {', '.join(SIDES)}; openvino and openvino-f32 need --openvino and --checkpoint, "
+                 "onnxruntime --onnx and --checkpoint")
+    kernels = [k.strip() for k in args.weight_kernel.split(",") if k.strip()]
+    configs = side_configs(names, args.gguf, args.threads, graphs, args.checkpoint,
+                           dict(args.build) if args.build else None, kernels)
     result = run(configs, args.rounds, args.doc_rounds, args.gap, args.seed)
     print_table(result)
     if args.json:

@@ -1,4 +1,4 @@
-"""Fidelity of one side against the PyTorch fp32 reference, on the same token ids.
+"""Fidelity of one side against the reference (PyTorch in float64, or fp32), on the same token ids.
 
 ColBERT: cosine of every token vector (queries with their expansion rows, documents after
 the skiplist), and the agreement of MaxSim rankings of the bench documents per query.

@@ -128,7 +128,8 @@ def cosine_text(cosine: float, digits: int) -> str:
 
 
 def _is_reference(side: SideResult) -> bool:
-    return side.engine == "torch" and side.format == "fp32"
+    """PyTorch fp32 where it was the fidelity reference (no float64 one), so it has no fidelity of its own."""
+    return side.engine == "torch" and side.format == "fp32" and side.fidelity is None
 
 
 def print_report(result: BenchResult, console: Console) -> None:
@@ -167,7 +168,7 @@ def write_json(result: BenchResult, path: Path) -> None:
 
 
 def _pareto(ax, title: str, model: ModelResult) -> None:
-    """Query p50 after an idle gap against per-token cosine mean (vs PyTorch fp32), one point per side."""
+    """Query p50 after an idle gap against per-token cosine mean (vs the fidelity reference), one point per side."""
     for side in model.sides:
         fig = side.figure(QUERY_INTERACTIVE) or side.figure(QUERY)
         cos = 1.0 if _is_reference(side) else side.fidelity.cosine_mean if side.fidelity else None
@@ -175,7 +176,8 @@ def _pareto(ax, title: str, model: ModelResult) -> None:
             continue
         ax.scatter([cos], [fig.summary.p50_ms], s=18)
         ax.annotate(side.label, (cos, fig.summary.p50_ms), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("per-token cosine mean vs PyTorch fp32")
+    reference = next((s.fidelity.reference for s in model.sides if s.fidelity), "torch fp32")
+    ax.set_xlabel(f"per-token cosine mean vs PyTorch {reference.removeprefix('torch ')}")
     ax.set_ylabel("query p50 ms (after an idle gap)")
     ax.set_yscale("log")
     ax.set_title(title, fontsize=9)

@@ -93,9 +93,9 @@ class Figure:
 
 @dataclass(frozen=True)
 class Fidelity:
-    """Agreement with the PyTorch fp32 reference on the same token ids."""
+    """Agreement with the fidelity reference (PyTorch in float64; fp32 where float64 could not run) on the same token ids."""
 
-    reference: str  # "torch fp32"
+    reference: str  # "torch fp64", or "torch fp32"
     vectors: int  # rows compared: token vectors (ColBERT) or pooled vectors (Embedding)
     cosine_min: float
     cosine_mean: float

@@ -5,8 +5,9 @@ backward, ...): a VM whose speed drifts during the run then weighs on every side
 figures join its passes' samples. Per model, forward: the llama.cpp formats first
 (their ColBERT query-expansion mode is then mirrored by PyTorch), then the same files with
 llama.cpp's CPU extra buffer types off ("AMX off", where asked or by default on AMX machines),
-then the stock build's (``--stock-python``), then PyTorch fp32 (the fidelity reference) and
-bf16. Afterwards every figure gets its ratio to PyTorch and every side but fp32 its fidelity.
+then the stock build's (``--stock-python``), then PyTorch fp32 and bf16. Afterwards the reference runs
+in float64 on the same texts, untimed, in a process of its own; every figure gets its ratio to PyTorch and
+every side its fidelity against the float64 vectors (against PyTorch fp32's where float64 cannot run).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
 
 from lfm2edge.bench import artifacts, fidelity, peer_side
 from lfm2edge.bench.machine import (
@@ -96,6 +99,7 @@ class BenchConfig:
     # build and CPU run it.
     split_f32_side: bool | None = None
     int8_side: bool | None = None
+    ozaki_side: bool | None = None
     peers: tuple[str, ...] = ()  # other CPU backends (peer_side.PEER_FORMATS), exported from the reference
     passes: int = 1  # passes over the sides, in alternating order (see the module docstring)
 
@@ -117,7 +121,8 @@ def prepare_models(config: BenchConfig, reporter: Reporter) -> list[artifacts.Mo
 
 # Load options that run a format's weights on another kernel, each measured as an extra side:
 # (load option, the format it takes, the side's format label)
-KERNEL_SIDES = (("split_f32", "f32", "f32 split"), ("dynamic_int8", "bf16", "bf16 int8"))
+KERNEL_SIDES = (("split_f32", "f32", "f32 split"), ("dynamic_int8", "bf16", "bf16 int8"),
+                ("ozaki_f32", "f32", "f32 ozaki"))
 
 
 def kernel_usable(option: str) -> bool:
@@ -146,7 +151,7 @@ def side_specs(model: artifacts.ModelSpec, config: BenchConfig) -> list[SideSpec
             for s in specs
             if forced or (amx and s.format in tiles)
         ]
-    wanted = {"split_f32": config.split_f32_side, "dynamic_int8": config.int8_side}
+    wanted = {"split_f32": config.split_f32_side, "dynamic_int8": config.int8_side, "ozaki_f32": config.ozaki_side}
     for option, fmt, label in KERNEL_SIDES:
         if wanted[option] is True or (wanted[option] is None and kernel_usable(option)):
             specs += [replace(s, format=label, weight_kernel=option) for s in specs if s.format == fmt]
@@ -289,15 +294,42 @@ def with_ratios(sides: list[SideResult]) -> list[SideResult]:
     ]
 
 
-def with_fidelity(outputs: list[SideOutput], notes: list[str]) -> list[SideResult]:
+Vectors = tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]  # (per query, per document)
+
+
+def float64_reference(model: artifacts.ModelSpec, config: BenchConfig, query_expansion: str | None,
+                      reporter: Reporter, notes: list[str]) -> Vectors | None:
+    """The reference's float64 vectors of the bench texts (``torch_side.reference_vectors``), computed in a
+    spawned process so its 2.8 GB of float64 weights leave with it; None, with a note, where that fails."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from lfm2edge.bench import torch_side
+
+    spec = SideSpec(model.name, model.kind, ENGINE_TORCH, "fp64", str(model.checkpoint), config.threads,
+                    config.plan, query_expansion=query_expansion)
+    reporter.status(f"{model.name}: the fidelity reference, PyTorch in float64")
+    try:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            return pool.submit(torch_side.reference_vectors, spec).result()
+    except Exception as e:  # noqa: BLE001 - any failure there leaves PyTorch fp32 as the reference
+        notes.append(f"{model.name}: no float64 reference ({type(e).__name__}: {e}); fidelity is against "
+                     "PyTorch fp32")
+        return None
+
+
+def with_fidelity(outputs: list[SideOutput], notes: list[str], truth: Vectors | None = None) -> list[SideResult]:
+    """Each side's fidelity against ``truth`` (float64), or, without it, against PyTorch fp32's vectors."""
     ref = next((o for o in outputs if o.result.engine == ENGINE_TORCH and o.result.format == "fp32"), None)
+    reference = "torch fp64" if truth is not None else "torch fp32"
+    if truth is None and ref is not None:
+        truth = (ref.query_vectors, ref.document_vectors)
     results = []
     for o in outputs:
         r = o.result
-        if ref is not None and o is not ref:
+        if truth is not None and (o is not ref or reference == "torch fp64"):
             try:
-                fid = fidelity.compare(o.query_vectors, o.document_vectors, ref.query_vectors,
-                                       ref.document_vectors, r.kind == "late_interaction")
+                fid = fidelity.compare(o.query_vectors, o.document_vectors, *truth, r.kind == "late_interaction",
+                                       reference)
                 r = replace(r, fidelity=fid)
             except ValueError as e:
                 notes.append(f"{r.model} {r.label}: no fidelity ({e})")
@@ -331,7 +363,10 @@ def run_model(model: artifacts.ModelSpec, config: BenchConfig, reporter: Reporte
     # a side that failed in any pass is reported as failed, not with fewer passes than the sides it is compared with
     outputs = [SideOutput(merge_passes([o.result for o in outs]), outs[0].query_vectors, outs[0].document_vectors)
                for key, outs in passes.items() if outs and key not in failed]
-    sides = with_ratios(with_fidelity(outputs, notes))
+    truth = None
+    if any(o.result.engine == ENGINE_TORCH for o in outputs):
+        truth = float64_reference(model, config, expansion, reporter, notes)
+    sides = with_ratios(with_fidelity(outputs, notes, truth))
     digests = {s.texts_digest for s in sides}
     if len(digests) > 1:
         notes.append(f"{model.name}: the sides built different input texts (tokenizers disagree); "
@@ -415,6 +450,7 @@ def run_bench(config: BenchConfig, reporter: Reporter) -> BenchResult:
         "amx_off_side": config.amx_off_side,
         "split_f32_side": config.split_f32_side,
         "int8_side": config.int8_side,
+        "ozaki_side": config.ozaki_side,
         "peers": list(config.peers),
         "passes": config.passes,
         "gap_s": p.gap_s,

@@ -1,4 +1,5 @@
-"""The PyTorch side: lfm2edge's reference (``convert.reference``) in fp32 or bf16, same inputs, same threads.
+"""The PyTorch side: lfm2edge's reference (``convert.reference``) in fp32 or bf16, same inputs, same threads;
+and the fidelity reference, the same model in float64.
 
 The reference runs one unpadded sequence per call, as llama.cpp computes (padding changes
 these models' outputs), so its document figures use batch size 1. ``torch.set_num_threads``
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lfm2edge.bench.memory import rss
-from lfm2edge.bench.regimes import Progress, SideSpec, run_measurements
+from lfm2edge.bench.regimes import Progress, SideSpec, build_texts, run_measurements
 from lfm2edge.bench.results import SideOutput
 
 DTYPES = ("fp32", "bf16")
@@ -95,6 +96,23 @@ def run(spec: SideSpec, progress: Progress) -> SideOutput:
             spec, TorchEngine(reference, spec.query_expansion), progress, rss, load_s, rss_before,
             rss_after_load, size, details,
         )
+
+
+def reference_vectors(spec: SideSpec) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """The fidelity reference: the bench's queries and documents (those every side encodes) through the
+    reference in float64, untimed. PyTorch fp32 rounds at every step too (1 - cosine about 2e-10 from
+    this on the bench's ColBERT), as much as the f32 sides it would judge."""
+    import torch
+
+    from lfm2edge.convert.reference import ReferenceEncoder
+
+    torch.set_num_threads(spec.threads)
+    engine = TorchEngine(ReferenceEncoder.from_checkpoint(spec.path, dtype=torch.float64, threads=spec.threads),
+                         spec.query_expansion)
+    texts = build_texts(engine, spec.plan)
+    with torch.inference_mode():
+        return (tuple(engine.encode_query(q) for q in texts.queries),
+                tuple(engine.encode_documents(texts.documents, 1)))
 
 
 def _bf16_hint() -> str:

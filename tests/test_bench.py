@@ -98,11 +98,11 @@ def test_json_schema(quick_run):
                 expected |= {"maxsim", "query_maxsim_cached", "rerank_uncached"}
             assert regimes == expected
             assert sum(f["best"] for f in side["figures"] if f["regime"] == "document_batch") == 1
+            fid = side["fidelity"]  # against PyTorch in float64, torch fp32 included
+            assert FIDELITY_KEYS <= fid.keys() and fid["reference"] == "torch fp64"
             if side["label"] == "torch fp32":
-                assert side["fidelity"] is None  # the reference itself
+                assert fid["cosine_min"] > 0.9999999
             else:
-                fid = side["fidelity"]
-                assert FIDELITY_KEYS <= fid.keys()
                 assert -1.0 <= fid["cosine_min"] <= fid["cosine_mean"] <= 1.0 + 1e-9
                 assert 0.0 <= fid["rank_top1_agreement"] <= 1.0
 
@@ -136,7 +136,7 @@ def test_passes_alternate_the_side_order_and_join_samples(colbert_gguf, tmp_path
     plan = make_plan(True, None, 1, None, None, None, 0)
     config = runner.BenchConfig(model=str(colbert_gguf), formats=None, reference=None, threads=2, plan=plan,
                                 vs_torch=False, quick=True, cache_dir=tmp_path, amx_off_side=True, passes=2,
-                                split_f32_side=False)
+                                split_f32_side=False, ozaki_side=False)
     reporter = RecordingReporter()
     result = runner.run_bench(config, reporter)
     (model,) = result.models
@@ -327,6 +327,30 @@ def test_cosines_near_one_print_their_distance_from_one():
     assert cosine_text(1.0000000001, 5) == "1-0.0e+00"
 
 
+def test_fidelity_is_against_float64_where_it_ran_else_pytorch_fp32():
+    """Every side, PyTorch fp32 included, is judged against the float64 vectors; without them PyTorch fp32 is
+    the reference and has no fidelity of its own."""
+    from lfm2edge.bench import runner
+    from lfm2edge.bench.results import Memory, SideOutput, SideResult
+
+    rng = np.random.default_rng(0)
+    truth = ((rng.standard_normal((4, 8)),), (rng.standard_normal((6, 8)),))
+
+    def side(engine: str, fmt: str, noise: float) -> SideOutput:
+        result = SideResult(model="ColBERT", kind="late_interaction", engine=engine, format=fmt, path="p",
+                            file_size_bytes=1, threads=1, load_s=1.0, first_call_ms=1.0,
+                            memory=Memory(1, 1, 1, 1), figures=(), texts_digest="t", query_tokens=4,
+                            document_tokens=6, query_expansion=None, exact=None)
+        return SideOutput(result, tuple(v + noise for v in truth[0]), tuple(v + noise for v in truth[1]))
+
+    outputs = [side("llama.cpp", "f32", 1e-3), side("torch", "fp32", 1e-6)]
+    judged = runner.with_fidelity(outputs, [], truth)
+    assert [r.fidelity.reference for r in judged] == ["torch fp64"] * 2
+    assert judged[0].fidelity.cosine_mean < judged[1].fidelity.cosine_mean < 1
+    fallback = runner.with_fidelity(outputs, [])
+    assert fallback[0].fidelity.reference == "torch fp32" and fallback[1].fidelity is None
+
+
 def test_fidelity_of_identical_vectors():
     rng = np.random.default_rng(0)
     q = [rng.standard_normal((4, 8)) for _ in range(3)]
@@ -361,30 +385,33 @@ def test_amx_off_sides_by_default_only_where_amx_runs(monkeypatch):
 
 
 def test_kernel_sides_only_for_their_format_and_where_the_build_runs_them(monkeypatch):
-    """f32 split for f32 files, bf16 int8 for bf16 files; by default only where the build runs them, never
-    through the stock build (which lacks the patches)."""
+    """f32 split and f32 ozaki for f32 files, bf16 int8 for bf16 files; by default only where the build runs
+    them, never through the stock build (which lacks the patches)."""
     from lfm2edge.bench import runner
     from lfm2edge.bench.artifacts import ModelSpec
     from lfm2edge.bench.regimes import Plan
 
     model = ModelSpec("ColBERT", "late_interaction", (("f32", Path("a.gguf")), ("bf16", Path("b.gguf"))),
                       None, "test", True)
+    every = {"split_f32", "dynamic_int8", "ozaki_f32"}
 
     def sides(wanted, usable: set[str]) -> list[tuple[str, str, str | None]]:
         monkeypatch.setattr(runner, "kernel_usable", lambda option: option in usable)
         config = runner.BenchConfig(model=None, formats=None, reference=None, threads=1, plan=Plan(),
                                     amx_off_side=False, split_f32_side=wanted, int8_side=wanted,
-                                    stock_python="python3")
+                                    ozaki_side=wanted, stock_python="python3")
         return [(s.format, s.path, s.weight_kernel) for s in runner.side_specs(model, config)]
 
     plain = [("f32", "a.gguf", None), ("bf16", "b.gguf", None)]
     split, int8 = ("f32 split", "a.gguf", "split_f32"), ("bf16 int8", "b.gguf", "dynamic_int8")
+    ozaki = ("f32 ozaki", "a.gguf", "ozaki_f32")
     stock = [("f32 stock", "a.gguf", None), ("bf16 stock", "b.gguf", None)]
-    assert sides(None, usable={"split_f32", "dynamic_int8"}) == plain + [split, int8] + stock
+    assert sides(None, usable=every) == plain + [split, int8, ozaki] + stock
     assert sides(None, usable={"dynamic_int8"}) == plain + [int8] + stock
+    assert sides(None, usable={"ozaki_f32"}) == plain + [ozaki] + stock
     assert sides(None, usable=set()) == plain + stock
-    assert sides(True, usable=set()) == plain + [split, int8] + stock
-    assert sides(False, usable={"split_f32", "dynamic_int8"}) == plain + stock
+    assert sides(True, usable=set()) == plain + [split, int8, ozaki] + stock
+    assert sides(False, usable=every) == plain + stock
 
 
 def test_contention_interleaves_sides_quiet_and_busy(colbert_gguf, tmp_path):
@@ -405,6 +432,27 @@ def test_contention_interleaves_sides_quiet_and_busy(colbert_gguf, tmp_path):
         assert {p: s["n"] for p, s in phases.items()} == {
             "query quiet": 3, "query busy": 3, "document quiet": 1, "document busy": 1}
     assert result["other_cpu_share"]["query busy"] > 0.2  # the competing process ran
+
+
+def test_contention_runs_weight_kernels_and_the_fp32_peers(quick_run, colbert_gguf):
+    """bench.contention --weight-kernel adds "+OPTION" sides for the GGUFs the option takes; the peer sides
+    run the graphs the quick bench exported, interleaved with them."""
+    from lfm2edge.bench.contention import run, side_configs
+    from lfm2edge.runtime.core.llama import OZAKI_F32, weight_kernel_available
+
+    data, _, _ = quick_run
+    colbert = next(m for m in data["models"] if m["name"] == "ColBERT")
+    f32 = str(colbert_gguf)  # an f32 file
+    onnx = next(s["path"] for s in colbert["sides"] if s["label"] == "onnxruntime fp32")
+    xml = next(s["path"] for s in colbert["sides"] if s["label"] == "openvino f32")
+    kernels = ["ozaki_f32", "dynamic_int8"] if weight_kernel_available(OZAKI_F32) else []
+    configs = side_configs(["adaptive", "onnxruntime", "openvino-f32"], [f32], 2,
+                           {"onnxruntime": onnx, "openvino-f32": xml}, colbert["reference"], weight_kernels=kernels)
+    names = ["adaptive", *(["adaptive +ozaki_f32"] if kernels else []), "onnxruntime", "openvino-f32"]
+    assert [c.name for c in configs] == names  # dynamic_int8 takes bf16 files only
+    result = run(configs, rounds=2, doc_rounds=0, gap_s=0.01, seed=0)
+    assert {n: {p: s["n"] for p, s in phases.items()} for n, phases in result["sides"].items()} == {
+        n: {"query quiet": 2, "query busy": 2} for n in names}
 
 
 def test_contention_runs_each_side_on_each_build(colbert_gguf, tmp_path):
