@@ -1,7 +1,7 @@
 """The options every ``lfm2edge`` command spells the same way, defined once.
 
 Each command module (convert/cli.py, runtime/frontends/cli.py, runtime/frontends/search_cli.py, bench/cli.py) takes
-``--json`` and ``--threads`` from here, so their names, short forms and help never drift apart.
+``--json``, ``--threads`` and ``--weight-kernel`` from here, so their names, short forms and help never drift apart.
 """
 
 from __future__ import annotations
@@ -17,6 +17,15 @@ Threads = Annotated[
         "--threads",
         "-t",
         help="CPU threads (default: every CPU this process may use)",
+        show_default=False,
+    ),
+]
+WeightKernelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--weight-kernel",
+        help="load the GGUF with this option, its matmuls on another AMX kernel: ozaki_f32 or split_f32 (f32 "
+        "files), dynamic_int8 (bf16 files). An index remembers it: commands that open the index reuse it",
         show_default=False,
     ),
 ]

@@ -25,7 +25,7 @@ import typer
 from lfm2edge.runtime.core.errors import InvalidInputError
 from lfm2edge.runtime.core.progress import progress_bar
 from lfm2edge.runtime.core.text import check_text
-from lfm2edge.runtime.frontends.cli_options import JsonFlag, Threads
+from lfm2edge.runtime.frontends.cli_options import JsonFlag, Threads, WeightKernelOption
 from lfm2edge.runtime.storage.qdrant_index import DEFAULT_COLLECTION
 
 InputFormat = Annotated[
@@ -104,10 +104,13 @@ def _show_progress() -> bool:
     return sys.stderr.isatty()
 
 
-def _load(model: Path, threads: int | None):
+def _load(model: Path, threads: int | None, weight_kernel: str | None = None):
+    """The encoder of ``model``, loaded with the ``--weight-kernel`` option if one is given."""
     from lfm2edge.runtime.core.encoders import load
+    from lfm2edge.runtime.core.llama import weight_kernel_named
 
-    return load(model, n_threads=threads)
+    options = {weight_kernel_named(weight_kernel).option: True} if weight_kernel else {}
+    return load(model, n_threads=threads, **options)
 
 
 def _server_options(path: Path | str, collection: str) -> dict[str, str]:
@@ -115,12 +118,16 @@ def _server_options(path: Path | str, collection: str) -> dict[str, str]:
     return {"collection": collection} if isinstance(path, str) else {}
 
 
-def _open_index(path: Path | str, model: Path | None, threads: int | None, collection: str = DEFAULT_COLLECTION):
-    """The index and an encoder for it: ``model``, or the GGUF the index was created from."""
+def _open_index(path: Path | str, model: Path | None, threads: int | None, collection: str = DEFAULT_COLLECTION,
+                weight_kernel: str | None = None):
+    """The index and an encoder for it: ``model``, or the GGUF the index was created from, loaded with
+    ``weight_kernel``, or else with the load option the index's model identity records."""
+    from lfm2edge.runtime.storage.documents import recorded_weight_kernel
     from lfm2edge.runtime.storage.index import Index
 
     index = Index.open(path, **_server_options(path, collection))
     recorded = index.settings.model_path
+    weight_kernel = weight_kernel or recorded_weight_kernel(index.settings.identity)
     index.close()  # opened again with its encoder (a Qdrant Edge shard takes one opener at a time)
     if model is None:
         if not recorded or not Path(recorded).is_file():
@@ -129,12 +136,24 @@ def _open_index(path: Path | str, model: Path | None, threads: int | None, colle
                 "pass --model"
             )
         model = Path(recorded)
-    encoder = _load(model, threads)
+    encoder = _load(model, threads, weight_kernel)
     try:
         return Index.open(path, encoder, **_server_options(path, collection)), encoder
     except Exception:
         encoder.close()
         raise
+
+
+def _recorded_load_option(path: Path | str, collection: str) -> str | None:
+    """The load option (``--weight-kernel``) the index at ``path`` records in its model identity, or None."""
+    from lfm2edge.runtime.storage.documents import recorded_weight_kernel
+    from lfm2edge.runtime.storage.index import Index
+
+    index = Index.open(path, **_server_options(path, collection))
+    try:
+        return recorded_weight_kernel(index.settings.identity)
+    finally:
+        index.close()
 
 
 def _where_json(where: str | None) -> dict | None:
@@ -216,6 +235,7 @@ def encode(
     input_format: InputFormat = "auto",
     text_field: TextField = "text",
     threads: Threads = None,
+    weight_kernel: WeightKernelOption = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Encode texts to vectors: one per text (dense) or one per token (ColBERT).
@@ -229,12 +249,12 @@ def encode(
     if suffix not in (".npy", ".npz", ".jsonl"):
         raise InvalidInputError(f"--output must end in .npy, .npz or .jsonl, not {suffix!r}")
     if output is None:
-        with _load(model, threads) as encoder:
+        with _load(model, threads, weight_kernel) as encoder:
             vectors, summary = _encode(encoder, records, as_queries, suffix)
             for i, v in enumerate(vectors):
                 typer.echo(json.dumps({"index": i, "embedding": v.tolist()}))
         return
-    with _output_file(output) as f, _load(model, threads) as encoder:
+    with _output_file(output) as f, _load(model, threads, weight_kernel) as encoder:
         vectors, summary = _encode(encoder, records, as_queries, suffix)
         if suffix == ".npy":
             np.save(f, np.stack(vectors))
@@ -320,6 +340,7 @@ def index_create(
     ] = None,
     collection: Collection = DEFAULT_COLLECTION,
     threads: Threads = None,
+    weight_kernel: WeightKernelOption = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Create an empty index for a model: in a new (or empty) folder, or as a collection on a Qdrant server."""
@@ -333,7 +354,7 @@ def index_create(
         raise InvalidInputError("--candidates applies to --backend qdrant only")
     if isinstance(path, Path):
         _check_new_folder(path)
-    with _load(model, threads) as encoder:
+    with _load(model, threads, weight_kernel) as encoder:
         index = Index.create(
             path, encoder, backend=backend, dtype=dtype, pool_factor=pool_factor, store_texts=store_texts, **options
         )
@@ -454,6 +475,7 @@ def index_add(
         typer.Option(help="with --ray: CPUs, and so llama.cpp threads, per actor [default: 1]", show_default=False),
     ] = None,
     collection: Collection = DEFAULT_COLLECTION,
+    weight_kernel: WeightKernelOption = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Encode texts and add them to an index (JSONL objects may carry "id" and "metadata").
@@ -464,7 +486,7 @@ def index_add(
     """
     if ray or ray_address is not None:
         _index_add_ray(path, source, model, on_duplicate or "skip", input_format, text_field, commit_every,
-                       threads, ray_address, actors, cpus_per_actor, as_json)
+                       threads, ray_address, actors, cpus_per_actor, weight_kernel, as_json)
         return
     if actors is not None or cpus_per_actor is not None:
         raise InvalidInputError("--actors and --cpus-per-actor apply with --ray only")
@@ -475,7 +497,7 @@ def index_add(
     if with_ids and len(with_ids) != len(records):
         raise InvalidInputError('give every JSONL record an "id", or none (the index then numbers them)')
     given = [r["id"] for r in records] if with_ids else None
-    index, encoder = _open_index(path, model, threads, collection)
+    index, encoder = _open_index(path, model, threads, collection, weight_kernel)
     with encoder:
         before = len(index)
         present = sum(1 for d in set(given) if d in index) if given else 0  # skipped or replaced
@@ -521,12 +543,14 @@ def _index_add_ray(
     address: str | None,
     actors: int | None,
     cpus_per_actor: int | None,
+    weight_kernel: str | None,
     as_json: bool,
 ) -> None:
     """``index add --ray``: the input checked, then Ray joined, then the pipeline (lfm2edge.distributed)."""
     from lfm2edge.runtime.distributed import Fields, add_to_index, connect, read_corpus
     from lfm2edge.runtime.distributed.pipeline import DEFAULT_BATCH_SIZE
     from lfm2edge.runtime.distributed.ray_support import check_address, require_ray
+    from lfm2edge.runtime.storage.documents import recorded_weight_kernel
     from lfm2edge.runtime.storage.index import Index
 
     if source == "-":
@@ -543,6 +567,13 @@ def _index_add_ray(
         check_address(address)
     corpus = read_corpus(source, Fields(text=text_field), input_format)  # before Ray starts: fails fast
     index = Index.open(path)
+    kernel = weight_kernel or recorded_weight_kernel(index.settings.identity)
+    if kernel is not None:
+        index.close()
+        raise InvalidInputError(
+            f"the Ray actors load the GGUF without load options, and {kernel} (--weight-kernel) gives other "
+            "vectors; add these texts without --ray"
+        )
     if model is None:
         recorded = index.settings.model_path
         if not recorded or not Path(recorded).is_file():
@@ -691,6 +722,7 @@ def search(
     model: ModelOption = None,
     collection: Collection = DEFAULT_COLLECTION,
     threads: Threads = None,
+    weight_kernel: WeightKernelOption = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Search an index: the k best documents per query by MaxSim (ColBERT) or cosine (dense); exact on the
@@ -702,7 +734,7 @@ def search(
         raise InvalidInputError("no query given: pass one as an argument or use --queries-from")
     texts = _check_queries(texts)
     conditions = _where_json(where)
-    index, encoder = _open_index(path, model, threads, collection)
+    index, encoder = _open_index(path, model, threads, collection, weight_kernel)
     with encoder:
         if candidates is None:
             results = index.search_many(texts, k=k, where=conditions)
@@ -740,6 +772,7 @@ def rerank(
     input_format: InputFormat = "auto",
     text_field: TextField = "text",
     threads: Threads = None,
+    weight_kernel: WeightKernelOption = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Rank candidate texts against a query, with no index (MaxSim or cosine)."""
@@ -748,7 +781,7 @@ def rerank(
     docs = [r["text"] for r in records]
     if top_n is not None and top_n < 1:
         raise InvalidInputError(f"--top-n must be at least 1, got {top_n}")
-    with _load(model, threads) as encoder:
+    with _load(model, threads, weight_kernel) as encoder:
         ranking = encoder.rerank(query, docs, top_k=top_n)
     results = [
         {"index": int(i), "relevance_score": float(s), "document": {"text": docs[i]}}
@@ -811,6 +844,7 @@ def serve(
     ] = 10.0,
     collection: Collection = DEFAULT_COLLECTION,
     threads: Threads = None,
+    weight_kernel: WeightKernelOption = None,
 ) -> None:
     """Run the local HTTP server a desktop app talks to (OpenAI embeddings, Cohere/Jina rerank, search).
 
@@ -841,6 +875,8 @@ def serve(
             f"warning: binding {host}: HTTP is not encrypted; put a TLS proxy in front on untrusted networks",
             err=True,
         )
+    if weight_kernel is None and index is not None and not create_index:
+        weight_kernel = _recorded_load_option(index, collection)
     limits = ServerLimits(
         max_body_bytes=max_body_bytes,
         max_inputs=max_inputs,
@@ -861,6 +897,7 @@ def serve(
         index_options=_server_options(index, collection) if index is not None else None,
         api_key=api_key,
         allowed_hosts=allowed_host or (),
+        weight_kernel=weight_kernel,
     )
 
 

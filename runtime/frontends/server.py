@@ -886,8 +886,10 @@ def serve(
     log_level: str = "warning",
     api_key: str | None = None,
     allowed_hosts: Sequence[str] = (),
+    weight_kernel: str | None = None,
 ) -> None:
-    """Load ``model`` (and the index), serve until SIGINT or SIGTERM, drain, then close them.
+    """Load ``model`` (with the load option ``weight_kernel``, if given) and the index, serve until SIGINT or
+    SIGTERM, drain, then close them.
 
     Prints one JSON line ``{"event": "listening", "url", "model"}`` once it accepts requests (``port=0``
     picks a free port, which the url names). Exits the process with status 70 (EXIT_UNCLEAN_SHUTDOWN),
@@ -896,9 +898,11 @@ def serve(
     import uvicorn
 
     from lfm2edge.runtime.core.encoders import load
+    from lfm2edge.runtime.core.llama import weight_kernel_named
     from lfm2edge.runtime.frontends.http_protocol import guarded_protocol, listen, raise_open_files_limit
 
     key = check_api_key(host, api_key)
+    load_options = {weight_kernel_named(weight_kernel).option: True} if weight_kernel else {}
     sock = listen(host, port)
     # Each connection is a file descriptor: keep the cap below what the process may open.
     open_files = raise_open_files_limit(limits.max_connections + 256)
@@ -909,7 +913,7 @@ def serve(
     )
     encoder = app = None
     try:
-        encoder = load(model, n_threads=n_threads)
+        encoder = load(model, n_threads=n_threads, **load_options)
         index = None
         if index_path is not None:
             options = dict(index_options or {})  # a Qdrant server's collection
