@@ -162,6 +162,37 @@ print(int(np.array_equal(first, again)), int(np.isfinite(scores).all()))
 """
 
 
+TORCH_BETWEEN_ENCODES = """
+import sys
+import numpy as np
+import torch
+import lfm2edge
+text = "a long enough document about many different things " * 12
+with lfm2edge.load(sys.argv[1], n_threads=1, concurrent_decodes=False) as enc:
+    first = enc.encode_document(text)  # llama.cpp configures the tiles of this thread
+    torch.set_num_threads(1)
+    x, w = torch.randn(256, 1024, dtype=torch.bfloat16), torch.randn(1024, 1024, dtype=torch.bfloat16)
+    for _ in range(3):
+        (x @ w).sum()  # oneDNN's AMX kernels on the same thread, which release the tiles after
+    again = enc.encode_document(text)
+print(int(np.array_equal(first, again)))
+"""
+
+
+def test_pytorch_bf16_between_encodes_leaves_llama_cpp_able_to_run(tmp_path):
+    """The amx-tile-config-check patch: PyTorch's bf16 matmuls release the AMX tiles of the thread they run
+    on; llama.cpp's next encode on that thread must load its configuration again, not fault (SIGILL)."""
+    from lfm2edge.convert.pipeline import convert
+
+    _require_amx_bf16()
+    require_patch("amx-tile-config-check")
+    model = convert(_amx_sized_checkpoint(tmp_path), tmp_path / "bf16.gguf", "bf16")
+    proc = subprocess.run([sys.executable, "-c", TORCH_BETWEEN_ENCODES, str(model)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-1500:]}"
+    assert proc.stdout.split() == ["1"]
+
+
 def test_amx_maxsim_between_encodes_leaves_llama_cpp_tiles_configured(tmp_path):
     """The MaxSim kernel's AMX path puts back the thread's tile configuration: llama.cpp configures its
     tiles once per thread, so a MaxSim between two encodes on the same thread would otherwise make the
