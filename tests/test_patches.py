@@ -397,9 +397,9 @@ def test_weight_kernels_need_their_file_type_and_one_at_a_time(colbert_gguf):
 
     with pytest.raises(ModelFileError, match=r"dynamic_int8 .* matmul weights are F32; convert .* --outtype bf16"):
         lfm2edge.load(colbert_gguf, n_threads=2, dynamic_int8=True)
-    with pytest.raises(InvalidInputError, match="split_f32 and dynamic_int8 were both asked for .* pass one of them"):
+    with pytest.raises(InvalidInputError, match="split_f32 and dynamic_int8 were asked for together .* pass one of them"):
         lfm2edge.load(colbert_gguf, n_threads=2, dynamic_int8=True, split_f32=True)
-    with pytest.raises(InvalidInputError, match="split_f32 and ozaki_f32 were both asked for"):
+    with pytest.raises(InvalidInputError, match="split_f32 and ozaki_f32 were asked for together"):
         lfm2edge.load(colbert_gguf, n_threads=2, ozaki_f32=True, split_f32=True)
 
 

@@ -138,7 +138,7 @@ def choose_weight_kernel(weight_type: str | None, split_f32: bool = False, dynam
     asked = [k for k, on in flags.items() if on]
     if len(asked) > 1:
         takes = ", ".join(f"{k.option} takes {k.weight_type.lower()} files" for k in WEIGHT_KERNELS)
-        raise InvalidInputError(f"{' and '.join(k.option for k in asked)} were both asked for ({takes}); "
+        raise InvalidInputError(f"{' and '.join(k.option for k in asked)} were asked for together ({takes}); "
                                 "pass one of them")
     if not asked:
         return None
