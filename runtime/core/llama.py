@@ -109,6 +109,11 @@ def weight_kernel_named(option: str) -> WeightKernel:
     )
 
 
+def weight_kernel_options(option: str | None) -> dict[str, bool]:
+    """load()'s keyword for the weight kernel named ``option`` (``--weight-kernel``), or none for None."""
+    return {weight_kernel_named(option).option: True} if option else {}
+
+
 def weight_kernel_available(kernel: WeightKernel, info: BuildInfo | None = None) -> bool:
     """Whether this build and CPU run ``kernel``: its patch, built with AMX-BF16."""
     info = info or build_info()

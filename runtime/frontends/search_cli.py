@@ -107,10 +107,9 @@ def _show_progress() -> bool:
 def _load(model: Path, threads: int | None, weight_kernel: str | None = None):
     """The encoder of ``model``, loaded with the ``--weight-kernel`` option if one is given."""
     from lfm2edge.runtime.core.encoders import load
-    from lfm2edge.runtime.core.llama import weight_kernel_named
+    from lfm2edge.runtime.core.llama import weight_kernel_options
 
-    options = {weight_kernel_named(weight_kernel).option: True} if weight_kernel else {}
-    return load(model, n_threads=threads, **options)
+    return load(model, n_threads=threads, **weight_kernel_options(weight_kernel))
 
 
 def _server_options(path: Path | str, collection: str) -> dict[str, str]:

@@ -898,11 +898,11 @@ def serve(
     import uvicorn
 
     from lfm2edge.runtime.core.encoders import load
-    from lfm2edge.runtime.core.llama import weight_kernel_named
+    from lfm2edge.runtime.core.llama import weight_kernel_options
     from lfm2edge.runtime.frontends.http_protocol import guarded_protocol, listen, raise_open_files_limit
 
     key = check_api_key(host, api_key)
-    load_options = {weight_kernel_named(weight_kernel).option: True} if weight_kernel else {}
+    load_options = weight_kernel_options(weight_kernel)  # an unknown name fails before the port is bound
     sock = listen(host, port)
     # Each connection is a file descriptor: keep the cap below what the process may open.
     open_files = raise_open_files_limit(limits.max_connections + 256)
