@@ -146,6 +146,41 @@ def test_dense_into_a_qdrant_edge_shard(ray_cluster, embedding_gguf, embedding_e
     assert [h.id for h in hits] == [f"d{i}" for i in np.argsort(-want)[:3]]
 
 
+def test_a_load_option_reaches_every_actor(ray_cluster, colbert_gguf, tmp_path):
+    """weight_kernel: each actor loads the GGUF with that option of load(). Its vectors are the in-process
+    ozaki_f32 encoder's, bit for bit, not the plain load's, and the shards record the option in the identity
+    (an actor that loaded plainly would find another identity and refuse). add_to_index takes the option an
+    index records; another is refused, and so are an unknown option and a file of another type, before Ray."""
+    from lfm2edge.runtime.core.llama import OZAKI_F32, weight_kernel_available
+    from lfm2edge.runtime.storage.documents import IndexModelMismatchError
+
+    if not weight_kernel_available(OZAKI_F32):
+        pytest.skip("this build or CPU runs no AMX weight kernels")
+    source = write_jsonl(tmp_path / "docs.jsonl", RECORDS[:4])
+    result = encode_corpus(colbert_gguf, source, tmp_path / "out", weight_kernel="ozaki_f32", actors=1,
+                           cpus_per_actor=2, batch_size=4)
+    assert result.encoded == 4
+    (table,) = shards(tmp_path / "out")
+    assert json.loads(table.schema.metadata[SCHEMA_KEY])["model_identity"].endswith("+ozaki_f32")
+    ids, vectors = read_vectors(tmp_path / "out")
+    texts = table.column("text").to_pylist()
+    got = [vectors[ids.index(d)] for d in table.column("id").to_pylist()]
+    with lfm2edge.load(colbert_gguf, n_threads=2, ozaki_f32=True) as ozaki, \
+            lfm2edge.load(colbert_gguf, n_threads=2) as plain:
+        for g, want, other in zip(got, ozaki.encode_document(texts), plain.encode_document(texts), strict=True):
+            assert np.array_equal(g, want) and not np.array_equal(g, other)
+        index = Index.create(tmp_path / "idx", ozaki)
+    added = add_to_index(colbert_gguf, source, index, actors=1, batch_size=4)  # the index's option, untold
+    assert added.encoded == 4 and len(index) == 4
+    with pytest.raises(IndexModelMismatchError, match=r"\+split_f32.*loaded the same way"):
+        add_to_index(colbert_gguf, source, index, weight_kernel="split_f32")
+    with pytest.raises(InvalidInputError, match="'fast' is not a weight kernel"):
+        encode_corpus(colbert_gguf, source, tmp_path / "out2", weight_kernel="fast")
+    with pytest.raises(ModelFileError, match="--outtype bf16"):
+        encode_corpus(colbert_gguf, source, tmp_path / "out2", weight_kernel="dynamic_int8")
+    assert not (tmp_path / "out2").exists() or not list((tmp_path / "out2").iterdir())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------------------------
@@ -212,8 +247,8 @@ def test_an_actors_error_comes_back_as_its_lfm2edge_error(ray_cluster, colbert_g
     shards_out = ParquetShards(tmp_path / "out", "0" * 32, "late_interaction")
     try:
         with pytest.raises(ModelFileError, match="is another model") as caught:
-            pipeline._run(colbert_gguf, "0" * 32, corpus, shards_out, pipeline.ActorPool(1, 1, 2), "skip",
-                          True, False)
+            stale = pipeline.ActorModel(Path(colbert_gguf).resolve(), "0" * 32, exact=True, weight_kernel=None)
+            pipeline._run(stale, corpus, shards_out, pipeline.ActorPool(1, 1, 2), "skip", False)
     finally:
         shards_out.close()
     assert "every node needs" in str(caught.value)

@@ -249,8 +249,8 @@ def test_search_needs_the_model_when_it_moved(invoke, colbert_gguf, tmp_path):
 
 def test_weight_kernel_is_recorded_by_the_index_and_reused(invoke, colbert_gguf, tmp_path):
     """--weight-kernel loads the GGUF with that load option. The index records it in its model identity, so
-    add and search on it load the same way untold; another option is refused by the index, and --ray (whose
-    actors load the file plainly) refuses the index."""
+    add and search on it load the same way untold (index add --ray too: tests/test_distributed.py); another
+    option is refused by the index."""
     from lfm2edge.runtime.core.llama import OZAKI_F32, SPLIT_F32, weight_kernel_available
 
     if not (weight_kernel_available(OZAKI_F32) and weight_kernel_available(SPLIT_F32)):
@@ -263,9 +263,6 @@ def test_weight_kernel_is_recorded_by_the_index_and_reused(invoke, colbert_gguf,
     assert r.code == 0 and r.json()[0]["hits"][0]["text"] == "another text"
     r = invoke("search", idx, "text", "--weight-kernel", "split_f32", *T1)
     assert r.code != 0 and "+ozaki_f32" in str(r.exception) and "loaded the same way" in str(r.exception)
-    corpus = write_lines(tmp_path / "corpus.jsonl", [json.dumps({"id": "d3", "text": "a third text"})])
-    r = invoke("index", "add", idx, corpus, "--ray")
-    assert r.code == 2 and "ozaki_f32" in str(r.exception) and "without --ray" in str(r.exception)
     r = invoke("rerank", colbert_gguf, "q", "-", "--weight-kernel", "fast", *T1, input="a\nb\n")
     assert r.code == 2 and "'fast' is not a weight kernel" in str(r.exception)
     r = invoke("encode", colbert_gguf, "-", "--weight-kernel", "dynamic_int8", *T1, input="a\n")

@@ -28,15 +28,19 @@ def assigned_cpus() -> int:
 class DocumentEncoder:
     """A Ray Data callable class: ``map_batches(DocumentEncoder, fn_constructor_kwargs=...)``.
 
-    ``identity`` is the GGUF identity the driver read: an actor whose node holds a different file at
-    the same path refuses to start instead of writing vectors of another model.
+    ``identity`` is the model identity the driver read (the GGUF's, with ``weight_kernel``'s load option):
+    an actor whose node holds a different file at the same path refuses to start instead of writing
+    vectors of another model.
     """
 
-    def __init__(self, model_path: str, identity: str, exact: bool = True):
+    def __init__(self, model_path: str, identity: str, exact: bool = True, weight_kernel: str | None = None):
         from lfm2edge.runtime.core.encoders import load  # in the actor's process only
+        from lfm2edge.runtime.core.llama import weight_kernel_options
+        from lfm2edge.runtime.storage.documents import model_identity
 
-        self.encoder = load(model_path, n_threads=assigned_cpus(), exact=exact)
-        found = self.encoder.model_file.header.identity()
+        self.encoder = load(model_path, n_threads=assigned_cpus(), exact=exact,
+                            **weight_kernel_options(weight_kernel))
+        found = model_identity(self.encoder)
         if found != identity:
             self.encoder.close()
             raise ModelFileError(

@@ -25,13 +25,19 @@ from pathlib import Path
 from typing import Literal
 
 from lfm2edge.runtime.core.errors import InvalidInputError, Lfm2EdgeError, ModelFileError
+from lfm2edge.runtime.core.llama import choose_weight_kernel, weight_kernel_options
 from lfm2edge.runtime.core.model_file import describe
 from lfm2edge.runtime.core.progress import progress_bar
 from lfm2edge.runtime.distributed.encode import DocumentEncoder
 from lfm2edge.runtime.distributed.ray_support import connect, require_pyarrow, require_ray, typed_remote_error
 from lfm2edge.runtime.distributed.sinks import IndexSink, ParquetShards, Sink
 from lfm2edge.runtime.distributed.sources import Corpus, Fields, read_corpus, to_dataset
-from lfm2edge.runtime.storage.documents import DuplicateIdError, IndexModelMismatchError
+from lfm2edge.runtime.storage.documents import (
+    DuplicateIdError,
+    IndexModelMismatchError,
+    recorded_weight_kernel,
+    with_weight_kernel,
+)
 
 # Files or folders of JSONL/Parquet, or a Corpus already read and checked by ``read_corpus``.
 Sources = str | Path | Sequence[str | Path] | Corpus
@@ -50,6 +56,21 @@ class ActorPool:
     actors: int
     cpus_per_actor: int
     batch_size: int
+
+
+@dataclass(frozen=True)
+class ActorModel:
+    """What every actor loads, and how: the GGUF, with ``exact`` and the ``weight_kernel`` load option, and
+    the model identity it must find (``model_identity``: the GGUF's, with the option)."""
+
+    path: Path  # absolute: each node opens the same path
+    identity: str
+    exact: bool
+    weight_kernel: str | None
+
+    def constructor_kwargs(self) -> dict[str, object]:
+        return {"model_path": str(self.path), "identity": self.identity, "exact": self.exact,
+                "weight_kernel": self.weight_kernel}
 
 
 @dataclass(frozen=True)
@@ -80,19 +101,21 @@ def encode_corpus(
     metadata_field: str = "metadata",
     input_format: str = "auto",
     exact: bool = True,
+    weight_kernel: str | None = None,
     show_progress_bar: bool = False,
 ) -> EncodeResult:
     """Encode every document of ``sources`` (JSONL/Parquet files or folders, or a ``Corpus``) into
     Parquet shards in the folder ``output``, skipping ids already there (``sinks``: the file layout;
-    ``read_vectors`` reads them back). ``actors=None`` fills the cluster's CPUs."""
+    ``read_vectors`` reads them back). ``actors=None`` fills the cluster's CPUs. ``weight_kernel`` is a
+    load option of ``load()`` by name (e.g. "ozaki_f32"); the shards record it in the model identity."""
     require_ray()
     fields = Fields(id_field, text_field, metadata_field)
-    identity, kind = _check_model(model)
+    actor_model, kind = _check_model(model, exact, weight_kernel)
     corpus = _corpus(sources, fields, input_format)
     pool = _actor_pool(actors, cpus_per_actor, batch_size)
-    sink = ParquetShards(output, identity, kind)
+    sink = ParquetShards(output, actor_model.identity, kind)
     try:
-        return _run(model, identity, corpus, sink, pool, "skip", exact, show_progress_bar)
+        return _run(actor_model, corpus, sink, pool, "skip", show_progress_bar)
     finally:
         sink.close()
 
@@ -111,6 +134,7 @@ def add_to_index(
     metadata_field: str = "metadata",
     input_format: str = "auto",
     exact: bool = True,
+    weight_kernel: str | None = None,
     show_progress_bar: bool = False,
 ) -> EncodeResult:
     """Encode every document of ``sources`` and add it to ``index`` (an open ``Index``, or another engine
@@ -118,23 +142,24 @@ def add_to_index(
 
     ``on_duplicate``: "skip" (default) leaves ids already in the index alone, so rerunning an
     interrupted add finishes it; "error" refuses before encoding anything; "replace" re-encodes them.
+    ``weight_kernel``: the load option the actors use; None takes the one the index's model identity
+    records (an index built by ``load(path, ozaki_f32=True)`` gets ozaki_f32), so its vectors match.
     """
     require_ray()
     if on_duplicate not in ON_DUPLICATE:
         raise InvalidInputError(f"on_duplicate must be one of {ON_DUPLICATE}, not {on_duplicate!r}")
     fields = Fields(id_field, text_field, metadata_field)
-    identity, _ = _check_model(model)
-    settings = getattr(index, "settings", None)
-    built_by = getattr(settings, "identity", None)
-    if built_by is not None and built_by != identity:
+    built_by = getattr(getattr(index, "settings", None), "identity", None)
+    actor_model, _ = _check_model(model, exact, weight_kernel or recorded_weight_kernel(built_by))
+    if built_by is not None and built_by != actor_model.identity:
         raise IndexModelMismatchError(
-            f"the index was built by another model (identity {built_by}); {model} is {identity}. "
-            "Encode with the model that built it, or build a new index for this model."
+            f"the index was built by another model (identity {built_by}); {model}, loaded this way, is "
+            f"{actor_model.identity}. Encode with the model that built it, loaded the same way, or build a new "
+            "index for this model."
         )
     corpus = _corpus(sources, fields, input_format)
     pool = _actor_pool(actors, cpus_per_actor, batch_size)
-    return _run(model, identity, corpus, IndexSink(index, on_duplicate), pool, on_duplicate, exact,
-                show_progress_bar)
+    return _run(actor_model, corpus, IndexSink(index, on_duplicate), pool, on_duplicate, show_progress_bar)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -142,8 +167,9 @@ def add_to_index(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_model(model: str | Path) -> tuple[str, str]:
-    """(identity, kind) of a GGUF that loads as a retriever; ModelFileError otherwise, before Ray is used."""
+def _check_model(model: str | Path, exact: bool, weight_kernel: str | None) -> tuple[ActorModel, str]:
+    """(what the actors load, kind) for a GGUF that loads as a retriever with ``weight_kernel``; before Ray is
+    used, ModelFileError for a file that does not, InvalidInputError for an unknown option."""
     path = Path(model)
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist; give the path of a retriever GGUF")
@@ -151,7 +177,10 @@ def _check_model(model: str | Path) -> tuple[str, str]:
     problems = model_file.problems()
     if problems or model_file.kind is None:
         raise ModelFileError(f"{path} cannot be used as a retriever:\n- " + "\n- ".join(problems))
-    return model_file.header.identity(), model_file.kind.value
+    # The option's file type, as load() checks it (whether a node's CPU runs it is the actor's to say).
+    choose_weight_kernel(model_file.matmul_weight_type, **weight_kernel_options(weight_kernel))
+    identity = with_weight_kernel(model_file.header.identity(), weight_kernel)
+    return ActorModel(path.resolve(), identity, exact, weight_kernel), model_file.kind.value
 
 
 def _corpus(sources: Sources, fields: Fields, input_format: str) -> Corpus:
@@ -201,13 +230,11 @@ def _actor_pool(actors: int | None, cpus_per_actor: int, batch_size: int) -> Act
 
 
 def _run(
-    model: str | Path,
-    identity: str,
+    model: ActorModel,
     corpus: Corpus,
     sink: Sink,
     pool: ActorPool,
     on_duplicate: str,
-    exact: bool,
     show_progress_bar: bool,
 ) -> EncodeResult:
     present = sink.present(corpus.ids)
@@ -222,7 +249,7 @@ def _run(
     pool = replace(pool, actors=min(pool.actors, -(-len(todo) // pool.batch_size)))
     encoded, started = 0, time.perf_counter()
     if len(todo):
-        encoded = _encode_and_write(Path(model).resolve(), identity, todo, sink, pool, exact, show_progress_bar)
+        encoded = _encode_and_write(model, todo, sink, pool, show_progress_bar)
     return EncodeResult(
         documents=len(corpus),
         skipped=0 if replacing else len(present),
@@ -234,15 +261,13 @@ def _run(
     )
 
 
-def _encode_and_write(
-    model: Path, identity: str, todo: Corpus, sink: Sink, pool: ActorPool, exact: bool, show_progress_bar: bool
-) -> int:
+def _encode_and_write(model: ActorModel, todo: Corpus, sink: Sink, pool: ActorPool, show_progress_bar: bool) -> int:
     """Stream ``todo`` through the actor pool into ``sink``; the number of documents written."""
     ray = require_ray()
     require_pyarrow()
     vectors = to_dataset(todo, pool.batch_size).map_batches(
         DocumentEncoder,
-        fn_constructor_kwargs={"model_path": str(model), "identity": identity, "exact": exact},
+        fn_constructor_kwargs=model.constructor_kwargs(),
         batch_size=pool.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=pool.actors),
@@ -261,7 +286,7 @@ def _encode_and_write(
     except Lfm2EdgeError:
         raise  # the sink's own errors
     except Exception as e:
-        typed = typed_remote_error(e, str(model))
+        typed = typed_remote_error(e, str(model.path))
         if typed is None:
             raise
         raise typed from None

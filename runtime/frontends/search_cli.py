@@ -549,7 +549,6 @@ def _index_add_ray(
     from lfm2edge.runtime.distributed import Fields, add_to_index, connect, read_corpus
     from lfm2edge.runtime.distributed.pipeline import DEFAULT_BATCH_SIZE
     from lfm2edge.runtime.distributed.ray_support import check_address, require_ray
-    from lfm2edge.runtime.storage.documents import recorded_weight_kernel
     from lfm2edge.runtime.storage.index import Index
 
     if source == "-":
@@ -566,13 +565,6 @@ def _index_add_ray(
         check_address(address)
     corpus = read_corpus(source, Fields(text=text_field), input_format)  # before Ray starts: fails fast
     index = Index.open(path)
-    kernel = weight_kernel or recorded_weight_kernel(index.settings.identity)
-    if kernel is not None:
-        index.close()
-        raise InvalidInputError(
-            f"the Ray actors load the GGUF without load options, and {kernel} (--weight-kernel) gives other "
-            "vectors; add these texts without --ray"
-        )
     if model is None:
         recorded = index.settings.model_path
         if not recorded or not Path(recorded).is_file():
@@ -591,6 +583,7 @@ def _index_add_ray(
             actors=actors,
             cpus_per_actor=1 if cpus_per_actor is None else cpus_per_actor,
             batch_size=DEFAULT_BATCH_SIZE if commit_every is None else commit_every,
+            weight_kernel=weight_kernel,  # None: the option the index records, as without --ray
             show_progress_bar=_show_progress(),
         )
     except BaseException:

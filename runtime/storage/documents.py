@@ -76,13 +76,17 @@ def model_identity(encoder) -> str:
     vectors, so it is part of the identity: an index built one way refuses queries encoded the other."""
     if encoder not in _IDENTITIES:
         identity = encoder.model_file.header.identity()
-        kernel = getattr(encoder, "weight_kernel", None)
-        _IDENTITIES[encoder] = f"{identity}+{kernel}" if kernel else identity
+        _IDENTITIES[encoder] = with_weight_kernel(identity, getattr(encoder, "weight_kernel", None))
     return _IDENTITIES[encoder]
 
 
+def with_weight_kernel(file_identity: str, weight_kernel: str | None) -> str:
+    """The model identity of the GGUF ``file_identity`` loaded with the load option ``weight_kernel``."""
+    return f"{file_identity}+{weight_kernel}" if weight_kernel else file_identity
+
+
 def recorded_weight_kernel(identity: str | None) -> str | None:
-    """The load option a model identity carries (``model_identity``'s "+option"), or None."""
+    """The load option a model identity carries (``with_weight_kernel``'s "+option"), or None."""
     return (identity or "").partition("+")[2] or None
 
 
