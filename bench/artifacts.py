@@ -125,10 +125,11 @@ def checkpoint_key(path: Path) -> str:
 def _formats_for(kind: str, formats: Sequence[str] | None) -> tuple[str, ...]:
     if formats:
         return tuple(formats)
-    from lfm2edge.bench.machine import bf16_on_amx
+    from lfm2edge.bench.machine import bf16_native
 
-    # Where bf16 runs on AMX tiles it is the fast format with the better fidelity: measure it too.
-    return ("bf16", *DEFAULT_FORMATS[kind]) if bf16_on_amx() else DEFAULT_FORMATS[kind]
+    # Where the CPU multiplies bf16 natively (AMX, AVX512-BF16) it is the fast format with the better
+    # fidelity: measure it too.
+    return ("bf16", *DEFAULT_FORMATS[kind]) if bf16_native() else DEFAULT_FORMATS[kind]
 
 
 def from_checkpoint(

@@ -132,6 +132,14 @@ def bf16_on_amx() -> bool:
     return amx_usable() and build_info().bf16_on_amx and "amx_bf16" in _cpuinfo()[1]
 
 
+def bf16_native() -> bool:
+    """Whether bf16 GGUFs multiply in bf16 here: on AMX tiles, or with AVX512-BF16's dot products (a build
+    compiled with them, on a CPU that has them)."""
+    from lfm2edge.runtime.core.build import build_info
+
+    return bf16_on_amx() or ("AVX512_BF16 = 1" in build_info().system_info and "avx512_bf16" in _cpuinfo()[1])
+
+
 def system_busy_seconds() -> float | None:
     """CPU seconds every process on the machine has used so far (all cores, idle and iowait excluded)."""
     try:

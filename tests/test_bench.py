@@ -362,6 +362,17 @@ def test_fidelity_of_identical_vectors():
         compare(q, d, q, [x[:-1] for x in d], colbert=True)
 
 
+def test_default_formats_add_bf16_where_the_cpu_multiplies_it(monkeypatch):
+    from lfm2edge.bench import artifacts, machine
+
+    monkeypatch.setattr(machine, "bf16_native", lambda: True)
+    assert artifacts._formats_for("late_interaction", None) == ("bf16", *artifacts.DEFAULT_FORMATS["late_interaction"])
+    assert artifacts._formats_for("dense", None)[0] == "bf16"
+    assert artifacts._formats_for("dense", ["q8_0"]) == ("q8_0",)  # what the user asked for, untouched
+    monkeypatch.setattr(machine, "bf16_native", lambda: False)
+    assert "bf16" not in artifacts._formats_for("late_interaction", None)
+
+
 def test_amx_off_sides_by_default_only_where_amx_runs(monkeypatch):
     from lfm2edge.bench import runner
     from lfm2edge.bench.artifacts import ModelSpec

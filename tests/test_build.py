@@ -208,7 +208,7 @@ def test_package_maps_one_import_package():
     assert project["project"]["scripts"]["lfm2edge"] == "lfm2edge.cli:main"
 
 
-def test_fastest_type_is_bf16_only_where_it_runs_on_amx():
+def test_fastest_type_is_bf16_only_where_the_cpu_multiplies_bf16():
     from lfm2edge.runtime.core.build import BuildInfo
 
     amx_info = "CPU : AVX512 = 1 | AMX_INT8 = 1 |"
@@ -218,3 +218,8 @@ def test_fastest_type_is_bf16_only_where_it_runs_on_amx():
     assert BuildInfo("0.3.36", "c", patched[:1], flags, amx_info).fastest_type() == "q8_0"  # no bf16 kernel
     assert BuildInfo("0.3.36", "c", patched, flags[:1], amx_info).fastest_type() == "q8_0"  # built without AMX-BF16
     assert BuildInfo("0.3.36", "c", patched, flags, "CPU : AVX512 = 1 |").fastest_type() == "q8_0"  # no AMX
+    # without AMX, AVX512-BF16's dot products (llamafile's bf16 GEMM) beat q8_0's 256-bit rescaling
+    zen4 = "CPU : AVX512 = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | LLAMAFILE = 1 |"
+    assert BuildInfo("0.3.36", "c", patched, flags[:0], zen4).fastest_type() == "bf16"
+    assert BuildInfo("0.3.36", "c", (), (), zen4).fastest_type() == "bf16"  # stock builds have that GEMM too
+    assert BuildInfo("0.3.36", "c", patched, (), "CPU : AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 |").fastest_type() == "q8_0"
