@@ -269,6 +269,30 @@ def test_weight_kernel_is_recorded_by_the_index_and_reused(invoke, colbert_gguf,
     assert r.code != 0 and "--outtype bf16" in str(r.exception)
 
 
+def test_weight_kernels_are_refused_where_the_cpu_cannot_run_them(invoke, colbert_gguf, tmp_path):
+    """Without AMX-BF16 (AMD Zen 4, say) each weight kernel is a typed refusal naming itself and the way out,
+    from load() and from the CLI, not a load that quietly runs the file's own kernels."""
+    import lfm2edge
+    from lfm2edge.convert.pipeline import convert
+    from lfm2edge.convert.synthetic import TINY, make_checkpoint
+    from lfm2edge.runtime.core.errors import FeatureUnavailableError
+    from lfm2edge.runtime.core.llama import WEIGHT_KERNELS, weight_kernel_available
+
+    missing = [k for k in WEIGHT_KERNELS if not weight_kernel_available(k)]
+    if not missing:
+        pytest.skip("this build and CPU run every weight kernel (the test above runs them)")
+    files = {"F32": colbert_gguf,
+             "BF16": convert(make_checkpoint(tmp_path / "ckpt", "colbert", TINY), tmp_path / "bf16.gguf", "bf16")}
+    for kernel in missing:
+        path = files[kernel.weight_type]
+        with pytest.raises(FeatureUnavailableError, match=rf"{kernel.option} .*this build or CPU lacks.*load without"):
+            lfm2edge.load(path, n_threads=1, **{kernel.option: True})
+        r = invoke("encode", path, "-", "--weight-kernel", kernel.option, *T1, input="a\n")
+        assert r.code != 0 and "this build or CPU lacks" in str(r.exception), r.stdout
+        with lfm2edge.load(path, n_threads=1) as plain:  # the file itself still loads, on its own kernels
+            assert plain.weight_kernel is None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # rerank, serve, help, the real entry point
 # ----------------------------------------------------------------------------------------------------------
