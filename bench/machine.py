@@ -137,7 +137,7 @@ def bf16_native() -> bool:
     compiled with them, on a CPU that has them)."""
     from lfm2edge.runtime.core.build import build_info
 
-    return bf16_on_amx() or ("AVX512_BF16 = 1" in build_info().system_info and "avx512_bf16" in _cpuinfo()[1])
+    return bf16_on_amx() or (build_info().bf16_native and "avx512_bf16" in _cpuinfo()[1])
 
 
 def system_busy_seconds() -> float | None:
