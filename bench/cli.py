@@ -64,7 +64,7 @@ def bench(
              "checkpoints of the real shape (only the latency is real)", show_default=False)] = None,
     formats: Annotated[str | None, typer.Option(
         "--formats", help="comma-separated GGUF types to convert to and measure, e.g. f16,bf16,q8_0,q4_k_m "
-                          "(default: f16,q8_0 for ColBERT, q8_0 for Embedding; bf16 added where it runs on AMX tiles)",
+                          "(default: f16,q8_0 for ColBERT, q8_0 for Embedding; bf16 added where the CPU multiplies it: AMX or AVX512-BF16)",
                           show_default=False)] = None,
     threads: Threads = None,  # llama.cpp and PyTorch alike
     docs: Annotated[str | None, typer.Option(
