@@ -668,10 +668,14 @@ def _shutdown_under_load(gguf: Path, index_dir: Path, sig: int) -> None:
     for w in workers:
         w.join(timeout=120)
     assert rc == 0, f"exit status {rc}: {server.stderr()[-3000:]}"
-    assert all(r in (200, 503) or isinstance(r, str) for r in results), results
+    assert all(r in (200, 503) or isinstance(r, str) for r in results), (results, server.stderr()[-3000:])
     index = Index.open(index_dir)
     assert index.verify() == []
-    assert len(index) == 256 * sum(1 for i in (0, 2) if results[i] == 200)
+    for i in (0, 2):  # each write is all or nothing: 200 wrote it, 503 did not, a lost answer either
+        stored = sum(f"r{i}-{j}" in index for j in range(len(texts)))
+        expected = {200: {len(texts)}, 503: {0}}.get(results[i], {0, len(texts)})
+        assert stored in expected, (i, results[i], stored)
+    assert len(index) == sum(f"r{i}-0" in index for i in (0, 2)) * len(texts)
 
 
 def test_sigint_under_load(colbert_gguf, tmp_path):
@@ -681,6 +685,88 @@ def test_sigint_under_load(colbert_gguf, tmp_path):
 @pytest.mark.slow
 def test_sigterm_under_load(colbert_gguf, tmp_path):
     _shutdown_under_load(colbert_gguf, tmp_path / "idx", signal.SIGTERM)
+
+
+def _cancelled_at_the_deadline(settle: bool, outcome: object) -> object:
+    """What ``_until_done`` answers when uvicorn cancels the request (its shutdown deadline), and the
+    loop's end cancels it again, while the work is in a thread whose outcome (a value, or an exception
+    to raise) arrives after both."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from lfm2edge.runtime.frontends.server import _until_done
+
+    async def never_disconnects() -> dict:
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def main() -> object:
+        release = threading.Event()
+        cancelled = []
+
+        def work() -> object:
+            release.wait(10)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+        request = Request({"type": "http", "method": "POST", "headers": []}, never_disconnects)
+        future = asyncio.get_running_loop().run_in_executor(None, work)
+        handler = asyncio.ensure_future(_until_done(request, future, lambda: cancelled.append(1), settle))
+        await asyncio.sleep(0.05)
+        handler.cancel()  # the deadline: the work is still running
+        await asyncio.sleep(0.05)
+        handler.cancel()  # the event loop's end cancels what is left
+        await asyncio.sleep(0.05)
+        release.set()
+        try:
+            return await handler, cancelled
+        except Exception as e:  # noqa: BLE001 - the answer under test
+            return e, cancelled
+
+    return asyncio.run(main())
+
+
+def test_a_write_committing_at_the_deadline_is_answered_with_its_result():
+    from lfm2edge.runtime.frontends.batcher import ServerClosingError, WorkCancelledError
+
+    assert _cancelled_at_the_deadline(True, ["r0"]) == (["r0"], [1])  # written: told so, not "retry"
+    answer, cancelled = _cancelled_at_the_deadline(True, WorkCancelledError("cancelled"))
+    assert isinstance(answer, ServerClosingError) and cancelled == [1]  # nothing written: 503
+    answer, cancelled = _cancelled_at_the_deadline(False, ["vectors"])  # a read: 503 at once
+    assert isinstance(answer, ServerClosingError) and cancelled == [1]
+
+
+def test_a_request_cancelled_anywhere_at_the_deadline_is_answered_503():
+    import asyncio
+
+    from lfm2edge.runtime.frontends.server import AnswerAtDeadline
+
+    async def rendering(scope, receive, send) -> None:  # a handler waiting on a thread, say
+        await asyncio.Event().wait()
+
+    async def streaming(scope, receive, send) -> None:  # one whose answer had started
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.Event().wait()
+
+    async def cancelled_during(app) -> tuple[list[dict], bool]:
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        task = asyncio.ensure_future(AnswerAtDeadline(app)({"type": "http"}, None, send))
+        await asyncio.sleep(0.01)
+        task.cancel()  # uvicorn's shutdown deadline
+        await asyncio.wait({task})
+        return sent, task.cancelled()
+
+    sent, cancelled = asyncio.run(cancelled_during(rendering))
+    assert not cancelled and sent[0]["status"] == 503
+    assert json.loads(sent[1]["body"])["error"]["type"] == "server_unavailable"
+    sent, cancelled = asyncio.run(cancelled_during(streaming))
+    assert cancelled and [m["type"] for m in sent] == ["http.response.start"]  # nothing to replace
 
 
 # ----------------------------------------------------------------------------------------------------------

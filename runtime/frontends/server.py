@@ -38,7 +38,8 @@ Hardening (each part says why where it is):
   batch of a large one, and it drops the queued texts of a client that disconnected.
 - Shutdown (``serve``): on SIGINT or SIGTERM uvicorn stops accepting, lets requests finish for
   ``shutdown_timeout_s``, then cancels them; the batcher fails what still waits, finishes the batch
-  in progress and stops; only then is the model freed.
+  in progress and stops; only then is the model freed. A write cancelled there answers 503 only if
+  it wrote nothing; one already committing is answered with its result.
 - Connections (runtime/frontends/http_protocol.py): request headers must arrive within ``header_timeout_s``
   and bodies within ``body_timeout_s``; idle connections never lock out a client with work.
 - Access: bound to loopback (127.0.0.0/8, ::1) it answers only Host names on its allow-list
@@ -334,6 +335,15 @@ def _error(
     )
 
 
+def _shutting_down() -> SafeJSONResponse:
+    return _error(
+        503,
+        "the server is shutting down; send the request again once it is back",
+        "server_unavailable",
+        {"retry-after": "5"},
+    )
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -365,12 +375,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc, InvalidInputError):
             return _error(400, str(exc))
         if isinstance(exc, (ServerClosingError, EncoderClosedError)):
-            return _error(
-                503,
-                "the server is shutting down; send the request again once it is back",
-                "server_unavailable",
-                {"retry-after": "5"},
-            )
+            return _shutting_down()
         if isinstance(exc, WorkCancelledError):
             return _error(499, str(exc), "client_closed_request")
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
@@ -417,6 +422,34 @@ def default_allowed_hosts(host: str) -> frozenset[str]:
         hostname = socket.gethostname().lower()
         names |= {hostname, f"{hostname}.local"}
     return frozenset(n for n in names if n and n not in ("0.0.0.0", "::"))
+
+
+class AnswerAtDeadline:
+    """ASGI middleware: a request still running at the shutdown deadline is cancelled by uvicorn wherever
+    it waits (a decode, a write, rendering the answer); it is answered 503, shutting down, instead of
+    uvicorn's bare 500, unless its answer had started."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            asyncio.current_task().uncancel()
+            await _shutting_down()(scope, receive, send)
 
 
 def _hostname(host: bytes) -> str:
@@ -554,24 +587,48 @@ def _discard_outcome(task: asyncio.Future) -> None:
         task.exception()
 
 
-async def _until_done(request: Request, work: Awaitable[T], on_gone: Callable[[], None]) -> T:
+async def _until_done(
+    request: Request, work: Awaitable[T], on_gone: Callable[[], None], settle: bool = False
+) -> T:
     """``work``'s result. If the client disconnects first, ``on_gone()`` cancels what it queued and
-    ClientGone is raised; if uvicorn cancels the request (the shutdown deadline), ServerClosingError."""
+    ClientGone is raised; if uvicorn cancels the request (the shutdown deadline), ServerClosingError.
+
+    ``settle`` (writes): at the shutdown deadline, ``on_gone()`` fails the encodes still waiting and the
+    answer waits for the write's own outcome, so a 503 always means nothing was written. A write
+    already past its encodes commits, and its client is told so instead of being told to retry.
+    """
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        # uvicorn cancels the requests still running at the shutdown deadline: answer 503, not 500.
-        raise ServerClosingError("the server is shutting down") from None
-    finally:
         watcher.cancel()
-        if not task.done():
-            on_gone()
-            task.add_done_callback(_discard_outcome)
+        if not settle:  # uvicorn cancels the requests still running at the deadline: 503, not 500
+            _abandon(task, on_gone)
+            raise ServerClosingError("the server is shutting down") from None
+        on_gone()
+        while not task.done():  # the loop's own end cancels again: the write still decides the answer
+            asyncio.current_task().uncancel()
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError:
+                pass
+        try:
+            return task.result()
+        except (WorkCancelledError, ServerClosingError):
+            raise ServerClosingError("the server is shutting down") from None
+    watcher.cancel()
     if not task.done():
+        _abandon(task, on_gone)
         raise ClientGone()
     return task.result()
+
+
+def _abandon(task: asyncio.Future, on_gone: Callable[[], None]) -> None:
+    """Cancel what ``task`` queued and drop its outcome: no one waits for it any more."""
+    if not task.done():
+        on_gone()
+        task.add_done_callback(_discard_outcome)
 
 
 def relevance_scores(scores: np.ndarray, query_vectors: int | None) -> np.ndarray:
@@ -652,6 +709,7 @@ def create_app(
     app.state.stop_encoding = stop_encoding
     _install_error_handlers(app)
     app.add_middleware(Guard, limits=limits, allowed_hosts=None if "*" in hosts else hosts, api_key=api_key)
+    app.add_middleware(AnswerAtDeadline)  # outside Guard: it sees the cancel wherever it lands
 
     def need_index() -> Index:
         if index is None:
@@ -666,9 +724,10 @@ def create_app(
         return vectors, job.tokens
 
     async def in_thread(request: Request, fn: Callable[..., T], *args, **kwargs) -> T:
-        """``fn`` in a worker thread; a disconnect cancels the batcher work it started."""
+        """``fn`` (a write) in a worker thread; a disconnect cancels the batcher work it started."""
         scope = WorkScope(batcher)
-        return await _until_done(request, run_in_threadpool(scope.run, fn, *args, **kwargs), scope.cancel)
+        work = run_in_threadpool(scope.run, fn, *args, **kwargs)
+        return await _until_done(request, work, scope.cancel, settle=True)
 
     @app.get("/health")
     async def health() -> dict:
