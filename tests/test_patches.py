@@ -371,6 +371,37 @@ def test_dynamic_int8_matmuls_are_the_int8_products_bit_for_bit(tmp_path):
         np.testing.assert_array_equal(out, _int8_product(x, rows.view(np.float32)), err_msg=name)
 
 
+def _bf16_round(x: np.ndarray) -> np.ndarray:
+    """float32 to the nearest bf16 (ties to even), as ggml converts activations for a bf16 matmul."""
+    bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def test_bf16_matmuls_without_amx_are_the_float32_products(tmp_path):
+    """Where bf16 runs on tinyBLAS's VDPBF16PS tile (patch tinyblas-bf16-tile-in-registers: AVX512-BF16, AMX's
+    buffers off), every matmul of a decode is its input rounded to bf16 times the file's bf16 weight, within
+    float32's rounding of the sum; an output summed from the wrong accumulator is off by its own size."""
+    import gguf
+
+    from lfm2edge.convert.pipeline import convert
+    from lfm2edge.runtime.core.build import build_info
+
+    if "AVX512_BF16 = 1" not in build_info().system_info:
+        pytest.skip("this build or CPU has no AVX512-BF16, so bf16 does not run on the VDPBF16PS tile")
+    require_patch("tinyblas-bf16-tile-in-registers")
+    bf16 = convert(_amx_sized_checkpoint(tmp_path), tmp_path / "bf16.gguf", "bf16")
+    weights = {t.name: t for t in gguf.GGUFReader(bf16).tensors if t.tensor_type == gguf.GGMLQuantizationType.BF16}
+    captured = _captured_matmuls(bf16, weights, extra_buffers=False)
+    assert {"blk.0.shortconv.in_proj.weight", "blk.1.attn_v.weight", "blk.1.ffn_down.weight"} <= captured.keys()
+    for name, (x, out) in captured.items():
+        w = (weights[name].data.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        xb = _bf16_round(x).astype(np.float64)
+        bound = np.abs(xb) @ np.abs(w).T  # sum |x w|: float32 sums of K terms err by a small multiple of it
+        ratio = np.abs(out - xb @ w.T) / np.maximum(bound, 1e-30)
+        assert ratio.max() <= 1e-5, (name, float(ratio.max()))
+
+
 def test_an_index_built_on_bf16_refuses_a_dynamic_int8_encoder(tmp_path):
     """dynamic_int8's vectors are not the file's own: it is part of the model identity, so an index built one
     way refuses the other encoder with a typed error instead of mixing the two."""
