@@ -591,7 +591,8 @@ async def _until_done(
     request: Request, work: Awaitable[T], on_gone: Callable[[], None], settle: bool = False
 ) -> T:
     """``work``'s result. If the client disconnects first, ``on_gone()`` cancels what it queued and
-    ClientGone is raised; if uvicorn cancels the request (the shutdown deadline), ServerClosingError.
+    ClientGone is raised; if uvicorn cancels the request (the shutdown deadline), so is what it queued,
+    and the cancel goes on to AnswerAtDeadline (503).
 
     ``settle`` (writes): at the shutdown deadline, ``on_gone()`` fails the encodes still waiting and the
     answer waits for the write's own outcome, so a 503 always means nothing was written. A write
@@ -603,9 +604,9 @@ async def _until_done(
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         watcher.cancel()
-        if not settle:  # uvicorn cancels the requests still running at the deadline: 503, not 500
+        if not settle:
             _abandon(task, on_gone)
-            raise ServerClosingError("the server is shutting down") from None
+            raise
         on_gone()
         while not task.done():  # the loop's own end cancels again: the write still decides the answer
             asyncio.current_task().uncancel()
@@ -724,9 +725,12 @@ def create_app(
         return vectors, job.tokens
 
     async def in_thread(request: Request, fn: Callable[..., T], *args, **kwargs) -> T:
-        """``fn`` (a write) in a worker thread; a disconnect cancels the batcher work it started."""
+        """``fn`` (a write) in a worker thread; a disconnect cancels the batcher work it started.
+
+        A future of the loop's executor, not a task: the loop's end cancels every task, and a task over the
+        thread would lose the write's outcome while the thread still commits."""
         scope = WorkScope(batcher)
-        work = run_in_threadpool(scope.run, fn, *args, **kwargs)
+        work = asyncio.get_running_loop().run_in_executor(None, functools.partial(scope.run, fn, *args, **kwargs))
         return await _until_done(request, work, scope.cancel, settle=True)
 
     @app.get("/health")
