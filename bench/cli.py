@@ -105,7 +105,8 @@ def bench(
         "--amx-off-side/--no-amx-off-side",
         help="also measure each GGUF with llama.cpp's CPU extra buffer types (AMX, repack) off, as a side "
              "labelled '<format> AMX off' ('no extra bufts' without AMX); default: for the formats AMX tiles run "
-             "(quantized; bf16 with patch llama.cpp/0004) where this CPU and build run AMX",
+             "(quantized; bf16 with patch llama.cpp/0004) where this CPU and build run AMX, else for q8_0 where "
+             "patch llama.cpp/0017 runs it on AVX512-VNNI",
         show_default=False)] = None,
     split_f32_side: Annotated[bool | None, typer.Option(
         "--split-f32-side/--no-split-f32-side",

@@ -32,6 +32,7 @@ from lfm2edge.bench.machine import (
     describe_machine,
     load_average,
     maxsim_backend,
+    q8_0_on_vnni,
     system_busy_seconds,
 )
 from lfm2edge.bench.regimes import Plan, SideSpec, figure_plan
@@ -62,6 +63,15 @@ def amx_tile_formats() -> tuple[str, ...]:
     from lfm2edge.runtime.core.build import build_info
 
     return AMX_QUANTIZED_FORMATS + (("bf16",) if build_info().bf16_on_amx else ())
+
+
+def extra_buffer_formats() -> tuple[str, ...]:
+    """The formats whose matmuls an extra buffer type runs here, so that a side with them off shows what
+    they gain: the AMX tile formats where AMX runs, else q8_0 where patch llama.cpp/0017 runs it on
+    AVX512-VNNI."""
+    if amx_usable():
+        return amx_tile_formats()
+    return ("q8_0",) if q8_0_on_vnni() else ()
 
 
 BUSY_LOAD = 0.5  # a 1-minute load average above this at the start means someone else is using the CPU
@@ -142,14 +152,14 @@ def side_specs(model: artifacts.ModelSpec, config: BenchConfig) -> list[SideSpec
         SideSpec(model.name, model.kind, ENGINE_LLAMA, fmt, str(path), config.threads, config.plan, config.exact)
         for fmt, path in model.ggufs
     ]
-    if config.amx_off_side is not False:  # AMX on vs off in one run: same file, same process kind
+    if config.amx_off_side is not False:  # extra buffers on vs off in one run: same file, same process kind
         amx = amx_usable()
         forced = config.amx_off_side is True
-        tiles = amx_tile_formats()
+        kernels = extra_buffer_formats()
         specs += [
             replace(s, format=amx_off_label(s.format, amx), extra_buffers=False)
             for s in specs
-            if forced or (amx and s.format in tiles)
+            if forced or s.format in kernels
         ]
     wanted = {"split_f32": config.split_f32_side, "dynamic_int8": config.int8_side, "ozaki_f32": config.ozaki_side}
     for option, fmt, label in KERNEL_SIDES:

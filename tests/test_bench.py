@@ -373,7 +373,7 @@ def test_default_formats_add_bf16_where_the_cpu_multiplies_it(monkeypatch):
     assert "bf16" not in artifacts._formats_for("late_interaction", None)
 
 
-def test_amx_off_sides_by_default_only_where_amx_runs(monkeypatch):
+def test_extra_buffers_off_sides_by_default_only_where_amx_or_the_vnni_kernel_runs(monkeypatch):
     from lfm2edge.bench import runner
     from lfm2edge.bench.artifacts import ModelSpec
     from lfm2edge.bench.regimes import Plan
@@ -381,8 +381,9 @@ def test_amx_off_sides_by_default_only_where_amx_runs(monkeypatch):
     model = ModelSpec("ColBERT", "late_interaction", (("f16", Path("a.gguf")), ("q8_0", Path("b.gguf"))),
                       None, "test", True)
 
-    def formats(amx_off_side, amx: bool) -> list[tuple[str, bool | None]]:
+    def formats(amx_off_side, amx: bool, vnni: bool = False) -> list[tuple[str, bool | None]]:
         monkeypatch.setattr(runner, "amx_usable", lambda: amx)
+        monkeypatch.setattr(runner, "q8_0_on_vnni", lambda: vnni)
         config = runner.BenchConfig(model=None, formats=None, reference=None, threads=1, plan=Plan(),
                                     amx_off_side=amx_off_side)
         return [(s.format, s.extra_buffers) for s in runner.side_specs(model, config)]
@@ -393,6 +394,10 @@ def test_amx_off_sides_by_default_only_where_amx_runs(monkeypatch):
     assert formats(True, amx=False) == plain + [("f16 no extra bufts", False), ("q8_0 no extra bufts", False)]
     assert formats(True, amx=True) == plain + [("f16 AMX off", False), ("q8_0 AMX off", False)]
     assert formats(False, amx=True) == plain
+    # without AMX, q8_0 on patch llama.cpp/0017's VNNI kernel against the same file on tinyBLAS
+    assert formats(None, amx=False, vnni=True) == plain + [("q8_0 no extra bufts", False)]
+    assert formats(None, amx=True, vnni=True) == plain + [("q8_0 AMX off", False)]
+    assert formats(False, amx=False, vnni=True) == plain
 
 
 def test_kernel_sides_only_for_their_format_and_where_the_build_runs_them(monkeypatch):

@@ -208,7 +208,7 @@ def test_package_maps_one_import_package():
     assert project["project"]["scripts"]["lfm2edge"] == "lfm2edge.cli:main"
 
 
-def test_fastest_type_is_bf16_only_where_the_cpu_multiplies_bf16():
+def test_fastest_type_is_bf16_only_where_the_cpu_multiplies_bf16_and_q8_0_has_no_vnni_kernel():
     from lfm2edge.runtime.core.build import BuildInfo
 
     amx_info = "CPU : AVX512 = 1 | AMX_INT8 = 1 |"
@@ -223,3 +223,8 @@ def test_fastest_type_is_bf16_only_where_the_cpu_multiplies_bf16():
     assert BuildInfo("0.3.36", "c", patched, (), zen4).fastest_type() == "bf16"
     assert BuildInfo("0.3.36", "c", (), (), zen4).fastest_type() == "bf16"  # stock builds have that GEMM too
     assert BuildInfo("0.3.36", "c", patched, (), "CPU : AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 |").fastest_type() == "q8_0"
+    # patch 0017's VPDPBUSD kernel puts q8_0 ahead of bf16 where AMX does not take it
+    vnni = (*patched, "llama.cpp/0017-q8_0-on-avx512-vnni.patch")
+    assert BuildInfo("0.3.36", "c", vnni, (), zen4).fastest_type() == "q8_0"
+    assert BuildInfo("0.3.36", "c", vnni, flags, amx_info + " AVX512_VNNI = 1 |").fastest_type() == "bf16"
+    assert BuildInfo("0.3.36", "c", vnni, (), "CPU : AVX512 = 1 | AVX512_BF16 = 1 |").fastest_type() == "bf16"

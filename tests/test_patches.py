@@ -304,16 +304,22 @@ def test_dynamic_int8_runs_bf16_weights_as_int8_for_that_load_only(tmp_path):
         assert 10 * error_bf16 < error < 0.005
 
 
-def _captured_matmuls(path, weights, **options) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _captured_matmuls(path, weights, buffers: dict[str, str] | None = None,
+                      text: str = "a document of some forty tokens about different things " * 6,
+                      **options) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """For every matmul over ``weights`` in one document decode: its input and output as llama.cpp computed
-    them (float32 rows, read through the eval callback)."""
+    them (float32 rows, read through the eval callback); ``buffers`` gets each weight's buffer type."""
     import ctypes
+
+    from llama_cpp._ggml import libggml
 
     import lfm2edge
     from lfm2edge.bench.profile import GgmlTensor
     from lfm2edge.runtime.core.llama import EmbeddingContext
 
     captured: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    buffer_name = libggml.ggml_backend_buffer_name
+    buffer_name.argtypes, buffer_name.restype = [ctypes.c_void_p], ctypes.c_char_p
 
     def floats(t: GgmlTensor) -> np.ndarray:
         rows, cols = t.ne[1], t.ne[0]
@@ -325,10 +331,12 @@ def _captured_matmuls(path, weights, **options) -> dict[str, tuple[np.ndarray, n
         weight = GgmlTensor.from_address(node.src[0]).name.decode() if node.src[0] else ""
         if not ask and weight in weights and weight != "token_embd.weight":
             captured[weight] = floats(GgmlTensor.from_address(node.src[1])), floats(node)
+            if buffers is not None:
+                buffers[weight] = buffer_name(GgmlTensor.from_address(node.src[0]).buffer).decode()
         return True
 
     with lfm2edge.load(path, n_threads=2, **options) as enc:
-        ids = enc.prepare_document("a document of some forty tokens about different things " * 6)
+        ids = enc.prepare_document(text)
         ctx = EmbeddingContext(enc._model, enc.max_batch_tokens, 1, 2, eval_callback=record)
         try:
             ctx.decode([ids], None)
@@ -399,6 +407,55 @@ def test_bf16_matmuls_without_amx_are_the_float32_products(tmp_path):
         xb = _bf16_round(x).astype(np.float64)
         bound = np.abs(xb) @ np.abs(w).T  # sum |x w|: float32 sums of K terms err by a small multiple of it
         ratio = np.abs(out - xb @ w.T) / np.maximum(bound, 1e-30)
+        assert ratio.max() <= 1e-5, (name, float(ratio.max()))
+
+
+def _q8_0_product(x: np.ndarray, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x [M, K] . W^T for a GGUF q8_0 weight (raw rows of 34-byte blocks: an fp16 scale, 32 int8 values) as
+    ggml defines q8_0 x q8_0 on x86: x quantized per 32 values (scale max |v| / 127 stored as fp16, values
+    v * (127 / max |v|) rounded to nearest even), exact integer block dots, each times the two fp16 scales;
+    in float64, with the bound sum |x w| of its terms."""
+    rows = blocks.reshape(len(blocks), -1, 34)
+    dw = rows[..., :2].copy().view(np.float16)[..., 0].astype(np.float64)  # [N, B]
+    qw = rows[..., 2:].view(np.int8).astype(np.float64)  # [N, B, 32]
+    xb = x.astype(np.float32).reshape(len(x), -1, 32)
+    amax = np.abs(xb).max(axis=2, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    qx = np.rint(xb * inv).astype(np.float64)  # [M, B, 32]
+    dx = (amax[..., 0] / np.float32(127)).astype(np.float16).astype(np.float64)  # [M, B]
+    out, bound = np.zeros((len(x), len(rows))), np.zeros((len(x), len(rows)))
+    for b in range(rows.shape[1]):
+        scale = dx[:, b, None] * dw[None, :, b]
+        out += scale * (qx[:, b] @ qw[:, b].T)
+        bound += np.abs(scale) * (np.abs(qx[:, b]) @ np.abs(qw[:, b]).T)
+    return out, bound
+
+
+def test_q8_0_matmuls_on_avx512_vnni_are_the_q8_0_products(tmp_path):
+    """Where q8_0 runs on AVX512-VNNI (patch q8_0-on-avx512-vnni: the CPU repack buffer on CPUs without AMX),
+    every matmul of a decode is ggml's q8_0 product of its input and the file's weight, within float32's
+    rounding of the sum. The decode's 4-token groups and its leftover tokens (their own kernel) and the
+    column tails of 1 and 2 groups of 16 all run; an output from the wrong accumulator is off by its size."""
+    import gguf
+
+    from lfm2edge.convert.pipeline import convert
+    from lfm2edge.runtime.core.build import build_info
+
+    info = build_info()
+    if "AVX512_VNNI = 1" not in info.system_info or info.amx:
+        pytest.skip("q8_0 runs on AVX512-VNNI only where the build and CPU have it and AMX does not take q8_0")
+    require_patch("q8_0-on-avx512-vnni")
+    q8 = convert(_amx_sized_checkpoint(tmp_path), tmp_path / "q8_0.gguf", "q8_0")
+    weights = {t.name: t for t in gguf.GGUFReader(q8).tensors if t.tensor_type == gguf.GGMLQuantizationType.Q8_0}
+    buffers: dict[str, str] = {}
+    text = "a document of some forty tokens about different things " * 6 + "and three more"
+    captured = _captured_matmuls(q8, weights, buffers, text, extra_buffers=True)
+    assert {"blk.0.shortconv.in_proj.weight", "blk.1.attn_v.weight", "blk.1.ffn_down.weight"} <= captured.keys()
+    assert set(buffers.values()) == {"CPU_REPACK"}, buffers
+    assert len(next(iter(captured.values()))[0]) % 4 != 0  # leftover tokens too
+    for name, (x, out) in captured.items():
+        expected, bound = _q8_0_product(x, np.asarray(weights[name].data))
+        ratio = np.abs(out - expected) / np.maximum(bound, 1e-30)
         assert ratio.max() <= 1e-5, (name, float(ratio.max()))
 
 

@@ -1,4 +1,4 @@
-"""``make demo``: checkpoint -> GGUF (bf16 where the CPU multiplies it natively, else q8_0) -> multilingual FAQ search, with query latency.
+"""``make demo``: checkpoint -> GGUF (the build's fastest type: bf16 on AMX, q8_0 on AVX512-VNNI) -> multilingual FAQ search, with query latency.
 
 MODEL is a hub id (default LiquidAI/LFM2.5-ColBERT-350M), a checkpoint folder or a GGUF.
 Where the hub cannot be reached, a full-size random checkpoint of the real shape stands in:
@@ -140,7 +140,7 @@ def run(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, checkpoint folder or GGUF")
-    parser.add_argument("--outtype", default=None, help="GGUF type (default: bf16 where the CPU multiplies it: AMX or AVX512-BF16; else q8_0)")
+    parser.add_argument("--outtype", default=None, help="GGUF type (default: the build's fastest, BuildInfo.fastest_type(): bf16 on AMX, q8_0 on AVX512-VNNI)")
     parser.add_argument("--threads", "-t", type=int, default=None,
                         help="CPU threads (default: every CPU this process may use)")
     parser.add_argument("--stand-in", choices=("full", "tiny"), default="full",
