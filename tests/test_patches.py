@@ -109,6 +109,21 @@ def _amx_sized_checkpoint(tmp_path, bidirectional: bool = True):
     return make_checkpoint(tmp_path / "ckpt", "colbert", shape, bidirectional=bidirectional)
 
 
+def _require_dynamic_int8() -> str:
+    """Which dynamic_int8 kernel runs here, "amx" (patch amx-int8-dynamic) or "vnni" (vnni-int8-dynamic, on
+    AVX512-VNNI without AMX); skip where neither can, fail where the build lacks the patch."""
+    from lfm2edge.runtime.core.build import build_info
+
+    info = build_info()
+    if info.amx and "-DGGML_AMX_BF16=ON" in info.cmake_args:
+        require_patch("amx-int8-dynamic")
+        return "amx"
+    if not info.amx and "AVX512_VNNI = 1" in info.system_info:
+        require_patch("vnni-int8-dynamic")
+        return "vnni"
+    pytest.skip("dynamic_int8 needs AMX-BF16, or AVX512-VNNI without AMX")
+
+
 def _require_amx_bf16() -> None:
     from lfm2edge.runtime.core.build import build_info
 
@@ -359,21 +374,25 @@ def _int8_product(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
 
 
 def test_dynamic_int8_matmuls_are_the_int8_products_bit_for_bit(tmp_path):
-    """Every matmul the AMX buffer takes (N a multiple of 32) in a decode under load(dynamic_int8=True), taken
+    """Every matmul the int8 kernel takes (N a multiple of 32) in a decode under load(dynamic_int8=True), taken
     from the graph as llama.cpp computed it: its output is the int8 product of its own input and the bf16
-    file's weight, bit for bit."""
+    file's weight, bit for bit, on AMX's tiles and on AVX512-VNNI alike."""
     import gguf
 
     from lfm2edge.convert.pipeline import convert
 
-    _require_amx_bf16()
-    require_patch("amx-int8-dynamic")
+    kernel = _require_dynamic_int8()
     bf16 = convert(_amx_sized_checkpoint(tmp_path), tmp_path / "bf16.gguf", "bf16")
     weights = {t.name: t for t in gguf.GGUFReader(bf16).tensors
                if t.tensor_type == gguf.GGMLQuantizationType.BF16 and t.shape[1] % 32 == 0}
-    captured = _captured_matmuls(bf16, weights, dynamic_int8=True)
+    buffers: dict[str, str] = {}
+    captured = _captured_matmuls(bf16, weights, buffers, "a document of some forty tokens " * 9 + "and one",
+                                 dynamic_int8=True)
     # every matmul weight of both layers (the test model's 16-wide dense_2 stays on the bf16 kernel)
     assert len(captured) == 12 and {"blk.0.shortconv.in_proj.weight", "blk.1.attn_v.weight"} <= captured.keys()
+    if kernel == "vnni":
+        assert set(buffers.values()) == {"CPU_REPACK"}, buffers
+        assert len(next(iter(captured.values()))[0]) % 4 != 0  # rows left over after the groups of 4 too
     for name, (x, out) in captured.items():
         rows = weights[name].data.view(np.uint16).astype(np.uint32) << 16  # bf16 to float32, exactly
         np.testing.assert_array_equal(out, _int8_product(x, rows.view(np.float32)), err_msg=name)
@@ -467,8 +486,7 @@ def test_an_index_built_on_bf16_refuses_a_dynamic_int8_encoder(tmp_path):
     from lfm2edge.convert.synthetic import TINY, make_checkpoint
     from lfm2edge.runtime.storage.index import Index, IndexModelMismatchError, model_identity
 
-    _require_amx_bf16()
-    require_patch("amx-int8-dynamic")
+    _require_dynamic_int8()
     bf16 = convert(make_checkpoint(tmp_path / "ckpt", "colbert", TINY), tmp_path / "bf16.gguf", "bf16")
     with lfm2edge.load(bf16, n_threads=2) as plain, lfm2edge.load(bf16, n_threads=2, dynamic_int8=True) as int8:
         assert int8.weight_kernel == "dynamic_int8" and plain.weight_kernel is None
@@ -497,8 +515,7 @@ def test_dynamic_int8_needs_the_extra_buffers(tmp_path):
     from lfm2edge.convert.synthetic import TINY, make_checkpoint
     from lfm2edge.runtime.core.errors import FeatureUnavailableError
 
-    _require_amx_bf16()
-    require_patch("amx-int8-dynamic")
+    _require_dynamic_int8()
     bf16 = convert(make_checkpoint(tmp_path / "ckpt", "colbert", TINY), tmp_path / "bf16.gguf", "bf16")
     with pytest.raises(FeatureUnavailableError, match="dynamic_int8 places .* extra_buffers=False"):
         lfm2edge.load(bf16, n_threads=2, extra_buffers=False, dynamic_int8=True)

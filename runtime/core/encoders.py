@@ -540,8 +540,9 @@ def load(
     near-f32 vectors (1 - cosine 3-9e-8 per token against PyTorch fp32 on the bench's random ColBERT,
     against f32's 8e-10) at 1.6x the query and 2.1x the document speed of llama.cpp's f32 kernels here;
     FeatureUnavailableError where the build or CPU cannot. ``dynamic_int8`` (bf16 files, CPUs with
-    AMX-BF16, patch ``llama.cpp/0013``): the weights are quantized at load to int8, one scale per output
-    column, and each matmul's activations to int8, one scale per token, on the AMX-INT8 tiles: 0.57x
+    AMX-BF16, patch ``llama.cpp/0013``, or AVX512-VNNI without AMX, patch ``llama.cpp/0018``, in the same
+    arithmetic): the weights are quantized at load to int8, one scale per output column, and each
+    matmul's activations to int8, one scale per token, on the AMX-INT8 tiles or VPDPBUSD: 0.57x
     bf16's query time here, far less faithful (per-token cosine 0.72 against PyTorch fp32 on the bench's
     random ColBERT, bf16 0.97, ONNX Runtime's dynamic int8 0.56); a file that is not bf16 raises
     ModelFileError. ``ozaki_f32`` (f32 files, CPUs with AMX-BF16, patch ``llama.cpp/0014``): Ozaki's

@@ -76,8 +76,9 @@ _set_attn_key_mask = _bind_key_mask()
 
 @dataclass(frozen=True)
 class WeightKernel:
-    """A load option that runs a file's matmul weights on other AMX kernels: a switch of the CPU backend,
-    from one of lfm2edge's patches, on while llama.cpp places the weights of that one load."""
+    """A load option that runs a file's matmul weights on other kernels: a switch of the CPU backend, from one
+    of lfm2edge's patches, on while llama.cpp places the weights of that one load. They run on AMX tiles; one
+    with a VNNI switch also runs, in the same arithmetic, on AVX512-VNNI CPUs without AMX."""
 
     option: str  # load()'s argument
     switch: bytes  # the backend function that turns it on
@@ -87,12 +88,19 @@ class WeightKernel:
     # Every matmul weight is rewritten into the AMX buffer, so a mapped f32 file would only add its pages to
     # the process (1.4 GB for the 350M models): read it instead.
     read_file: bool = False
+    vnni_switch: bytes | None = None  # the same kernel in the CPU repack buffer, where there is no AMX
+    vnni_patch: str | None = None
+
+    @property
+    def needs(self) -> str:
+        return "AMX-BF16 or AVX512-VNNI" if self.vnni_switch else "AMX-BF16"
 
 
 SPLIT_F32 = WeightKernel("split_f32", b"ggml_backend_amx_set_f32_split", "amx-f32-as-bf16-halves", "F32",
                          "runs f32 weights on AMX-BF16 tiles as two bf16 halves", read_file=True)
 DYNAMIC_INT8 = WeightKernel("dynamic_int8", b"ggml_backend_amx_set_bf16_int8", "amx-int8-dynamic", "BF16",
-                            "runs bf16 weights as int8 on AMX-INT8 tiles")
+                            "runs bf16 weights as int8 (AMX-INT8 tiles, or AVX512-VNNI)",
+                            vnni_switch=b"ggml_backend_repack_set_bf16_int8", vnni_patch="vnni-int8-dynamic")
 OZAKI_F32 = WeightKernel("ozaki_f32", b"ggml_backend_amx_set_f32_int8_slices", "amx-f32-as-int8-slices", "F32",
                          "runs f32 weights on AMX-INT8 tiles as four int8 slices", read_file=True)
 WEIGHT_KERNELS = (SPLIT_F32, DYNAMIC_INT8, OZAKI_F32)
@@ -114,24 +122,32 @@ def weight_kernel_options(option: str | None) -> dict[str, bool]:
     return {weight_kernel_named(option).option: True} if option else {}
 
 
+def _switch_symbol(kernel: WeightKernel, info: BuildInfo) -> bytes | None:
+    """The backend function that turns ``kernel`` on here: its AMX one (its patch, built with AMX-BF16), else
+    its VNNI one (its VNNI patch, AVX512-VNNI and no AMX); None where neither runs."""
+    if info.bf16_on_amx and info.has_patch(kernel.patch):
+        return kernel.switch
+    vnni = kernel.vnni_patch is not None and not info.amx and "AVX512_VNNI = 1" in info.system_info
+    return kernel.vnni_switch if vnni and info.has_patch(kernel.vnni_patch) else None
+
+
 def weight_kernel_available(kernel: WeightKernel, info: BuildInfo | None = None) -> bool:
-    """Whether this build and CPU run ``kernel``: its patch, built with AMX-BF16."""
-    info = info or build_info()
-    return info.bf16_on_amx and info.has_patch(kernel.patch)
+    """Whether this build and CPU run ``kernel``: on AMX-BF16, or on AVX512-VNNI where it has a VNNI kernel."""
+    return _switch_symbol(kernel, info or build_info()) is not None
 
 
-def _bind_switch(kernel: WeightKernel):
-    """The CPU backend's switch for ``kernel``, or None where the loaded backend lacks it (no patch, no
-    AMX-BF16). Asked of the backend itself (its get_proc_address), so a release build's CPU variant,
-    chosen at run time, answers for itself. The ggml functions are looked up through libllama: a wheel's
-    libggml.so is a copy of libggml.so.0, with a registry of its own."""
+def _bind_switch(symbol: bytes):
+    """The CPU backend's function ``symbol``, or None where the loaded backend lacks it. Asked of the backend
+    itself (its get_proc_address), so a release build's CPU variant, chosen at run time, answers for itself.
+    The ggml functions are looked up through libllama: a wheel's libggml.so is a copy of libggml.so.0, with
+    a registry of its own."""
     lib = ll.llama_cpp._lib
     lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
     lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
     lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
     reg = lib.ggml_backend_reg_by_name(b"CPU")
-    address = reg and lib.ggml_backend_reg_get_proc_address(reg, kernel.switch)
+    address = reg and lib.ggml_backend_reg_get_proc_address(reg, symbol)
     return ctypes.CFUNCTYPE(None, ctypes.c_bool)(address) if address else None
 
 
@@ -279,16 +295,17 @@ class LlamaModel:
 
 def _switch_for(kernel: WeightKernel, info: BuildInfo, extra_buffers: bool):
     """The kernel's switch, or FeatureUnavailableError naming why it cannot run here."""
-    switch = _bind_switch(kernel) if weight_kernel_available(kernel, info) else None
+    symbol = _switch_symbol(kernel, info)
+    switch = _bind_switch(symbol) if symbol else None
     if switch is None:
         raise FeatureUnavailableError(
             f"{kernel.option} {kernel.what}, which this build or CPU lacks ({info.describe()}); load without "
-            f"{kernel.option}, or build with `make setup` on a CPU with AMX-BF16"
+            f"{kernel.option}, or build with `make setup` on a CPU with {kernel.needs}"
         )
     if not extra_buffers:
         raise FeatureUnavailableError(
-            f"{kernel.option} places weights in llama.cpp's AMX buffer, and extra_buffers=False turns those "
-            "buffers off; drop one of the two"
+            f"{kernel.option} places weights in llama.cpp's extra buffers (AMX, or the CPU repack buffer), and "
+            "extra_buffers=False turns those buffers off; drop one of the two"
         )
     return switch
 
@@ -296,7 +313,7 @@ def _switch_for(kernel: WeightKernel, info: BuildInfo, extra_buffers: bool):
 @contextlib.contextmanager
 def _switched_on(switch):
     """A WeightKernel's switch (None: no switch) on while llama.cpp places this model's weights (``_load_lock``
-    keeps other loads out meanwhile); a weight placed in the AMX buffer keeps its kernel once it is off."""
+    keeps other loads out meanwhile); a weight placed in an extra buffer keeps its kernel once it is off."""
     if switch is None:
         yield
         return
