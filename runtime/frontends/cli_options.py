@@ -24,8 +24,9 @@ WeightKernelOption = Annotated[
     str | None,
     typer.Option(
         "--weight-kernel",
-        help="load the GGUF with this option, its matmuls on another AMX kernel: ozaki_f32 or split_f32 (f32 "
-        "files), dynamic_int8 (bf16 files). An index remembers it: commands that open the index reuse it",
+        help="load the GGUF with this option, its matmuls on another kernel: ozaki_f32 or split_f32 (f32 files, "
+        "AMX), dynamic_int8 (bf16 files, AMX or AVX512-VNNI). An index remembers it: commands that open the index "
+        "reuse it",
         show_default=False,
     ),
 ]
