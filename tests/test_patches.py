@@ -118,7 +118,7 @@ def _require_dynamic_int8() -> str:
     if info.amx and "-DGGML_AMX_BF16=ON" in info.cmake_args:
         require_patch("amx-int8-dynamic")
         return "amx"
-    if not info.amx and "AVX512_VNNI = 1" in info.system_info:
+    if info.vnni_without_amx:
         require_patch("vnni-int8-dynamic")
         return "vnni"
     pytest.skip("dynamic_int8 needs AMX-BF16, or AVX512-VNNI without AMX")
@@ -460,8 +460,7 @@ def test_q8_0_matmuls_on_avx512_vnni_are_the_q8_0_products(tmp_path):
     from lfm2edge.convert.pipeline import convert
     from lfm2edge.runtime.core.build import build_info
 
-    info = build_info()
-    if "AVX512_VNNI = 1" not in info.system_info or info.amx:
+    if not build_info().vnni_without_amx:
         pytest.skip("q8_0 runs on AVX512-VNNI only where the build and CPU have it and AMX does not take q8_0")
     require_patch("q8_0-on-avx512-vnni")
     q8 = convert(_amx_sized_checkpoint(tmp_path), tmp_path / "q8_0.gguf", "q8_0")

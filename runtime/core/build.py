@@ -53,10 +53,15 @@ class BuildInfo:
         return self.bf16_on_amx or "AVX512_BF16 = 1" in self.system_info
 
     @property
+    def vnni_without_amx(self) -> bool:
+        """Whether this build multiplies int8 with AVX512-VNNI and has no AMX to take the matmuls first: where
+        lfm2edge's VNNI kernels (patches llama.cpp/0017, 0018) run."""
+        return "AVX512_VNNI = 1" in self.system_info and not self.amx
+
+    @property
     def q8_0_on_vnni(self) -> bool:
-        """Whether q8_0 GGUFs run on patch llama.cpp/0017's AVX512-VNNI kernel: the build has the patch and
-        the instructions, and no AMX (AMX takes q8_0 first)."""
-        return self.has_patch("q8_0-on-avx512-vnni") and "AVX512_VNNI = 1" in self.system_info and not self.amx
+        """Whether q8_0 GGUFs run on patch llama.cpp/0017's AVX512-VNNI kernel."""
+        return self.vnni_without_amx and self.has_patch("q8_0-on-avx512-vnni")
 
     def fastest_type(self) -> str:
         """The GGUF type to convert to for speed on this build: q8_0 where it runs on the VNNI kernel (on Zen 4

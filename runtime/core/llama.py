@@ -127,8 +127,8 @@ def _switch_symbol(kernel: WeightKernel, info: BuildInfo) -> bytes | None:
     its VNNI one (its VNNI patch, AVX512-VNNI and no AMX); None where neither runs."""
     if info.bf16_on_amx and info.has_patch(kernel.patch):
         return kernel.switch
-    vnni = kernel.vnni_patch is not None and not info.amx and "AVX512_VNNI = 1" in info.system_info
-    return kernel.vnni_switch if vnni and info.has_patch(kernel.vnni_patch) else None
+    vnni = kernel.vnni_patch is not None and info.vnni_without_amx and info.has_patch(kernel.vnni_patch)
+    return kernel.vnni_switch if vnni else None
 
 
 def weight_kernel_available(kernel: WeightKernel, info: BuildInfo | None = None) -> bool:
