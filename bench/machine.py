@@ -132,6 +132,14 @@ def q8_0_on_vnni() -> bool:
     return build_info().q8_0_on_vnni and "avx512_vnni" in _cpuinfo()[1]
 
 
+def bf16_on_avx512() -> bool:
+    """Whether bf16 GGUFs run on lfm2edge's patch llama.cpp/0019 here: AVX512-BF16 in the build and the CPU,
+    and no AMX to take them first."""
+    from lfm2edge.runtime.core.build import build_info
+
+    return build_info().bf16_on_avx512 and "avx512_bf16" in _cpuinfo()[1]
+
+
 def bf16_on_amx() -> bool:
     """Whether bf16 GGUFs run on AMX tiles here: lfm2edge's patch llama.cpp/0004, built with AMX-BF16, on a
     CPU that has it."""

@@ -405,22 +405,31 @@ def _bf16_round(x: np.ndarray) -> np.ndarray:
     return bits.astype(np.uint32).view(np.float32)
 
 
-def test_bf16_matmuls_without_amx_are_the_float32_products(tmp_path):
-    """Where bf16 runs on tinyBLAS's VDPBF16PS tile (patch tinyblas-bf16-tile-in-registers: AVX512-BF16, AMX's
-    buffers off), every matmul of a decode is its input rounded to bf16 times the file's bf16 weight, within
-    float32's rounding of the sum; an output summed from the wrong accumulator is off by its own size."""
+@pytest.mark.parametrize("kernel", ["tinyblas", "repack"])
+def test_bf16_matmuls_without_amx_are_the_float32_products(tmp_path, kernel):
+    """Where bf16 runs on VDPBF16PS without AMX, every matmul of a decode is its input rounded to bf16 times the
+    file's bf16 weight, within float32's rounding of the sum; an output summed from the wrong accumulator is
+    off by its own size. Both kernels: tinyBLAS's tile (patch tinyblas-bf16-tile-in-registers, extra buffers
+    off) and the repack buffer's (patch bf16-on-avx512-bf16, extra buffers on), with its 8-token tiles, its
+    leftover tiles of 4, 2 and 1 tokens, and its tails of 1 and 2 groups of 16 rows."""
     import gguf
 
     from lfm2edge.convert.pipeline import convert
     from lfm2edge.runtime.core.build import build_info
 
     if "AVX512_BF16 = 1" not in build_info().system_info:
-        pytest.skip("this build or CPU has no AVX512-BF16, so bf16 does not run on the VDPBF16PS tile")
-    require_patch("tinyblas-bf16-tile-in-registers")
+        pytest.skip("this build or CPU has no AVX512-BF16, so bf16 does not run on VDPBF16PS")
+    if kernel == "repack" and build_info().bf16_on_amx:
+        pytest.skip("AMX takes bf16 before the repack buffer on this build")
+    require_patch("tinyblas-bf16-tile-in-registers" if kernel == "tinyblas" else "bf16-on-avx512-bf16")
     bf16 = convert(_amx_sized_checkpoint(tmp_path), tmp_path / "bf16.gguf", "bf16")
     weights = {t.name: t for t in gguf.GGUFReader(bf16).tensors if t.tensor_type == gguf.GGMLQuantizationType.BF16}
-    captured = _captured_matmuls(bf16, weights, extra_buffers=False)
+    buffers: dict[str, str] = {}
+    text = "a document of some forty tokens about different things " * 6 + "and three more of"  # 183 tokens
+    captured = _captured_matmuls(bf16, weights, buffers, text, extra_buffers=kernel == "repack")
     assert {"blk.0.shortconv.in_proj.weight", "blk.1.attn_v.weight", "blk.1.ffn_down.weight"} <= captured.keys()
+    assert (set(buffers.values()) == {"CPU_REPACK"}) == (kernel == "repack"), buffers
+    assert len(next(iter(captured.values()))[0]) % 8 == 7  # leftover tiles of 4, 2 and 1 tokens
     for name, (x, out) in captured.items():
         w = (weights[name].data.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
         xb = _bf16_round(x).astype(np.float64)

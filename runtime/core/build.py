@@ -59,6 +59,13 @@ class BuildInfo:
         return "AVX512_VNNI = 1" in self.system_info and not self.amx
 
     @property
+    def bf16_on_avx512(self) -> bool:
+        """Whether bf16 GGUFs run on patch llama.cpp/0019's AVX512-BF16 kernel: a build with AVX512-BF16 whose
+        AMX does not take bf16 first (AMD Zen 4; Intel without AMX). Without it they run on tinyBLAS."""
+        native = "AVX512_BF16 = 1" in self.system_info
+        return native and not self.bf16_on_amx and self.has_patch("bf16-on-avx512-bf16")
+
+    @property
     def q8_0_on_vnni(self) -> bool:
         """Whether q8_0 GGUFs run on patch llama.cpp/0017's AVX512-VNNI kernel."""
         return self.vnni_without_amx and self.has_patch("q8_0-on-avx512-vnni")
