@@ -140,6 +140,13 @@ def bf16_on_avx512() -> bool:
     return build_info().bf16_on_avx512 and "avx512_bf16" in _cpuinfo()[1]
 
 
+def f32_on_avx512() -> bool:
+    """Whether f32 GGUFs run on lfm2edge's patch llama.cpp/0019 here: AVX-512 in the build and the CPU."""
+    from lfm2edge.runtime.core.build import build_info
+
+    return build_info().f32_on_avx512 and "avx512f" in _cpuinfo()[1]
+
+
 def bf16_on_amx() -> bool:
     """Whether bf16 GGUFs run on AMX tiles here: lfm2edge's patch llama.cpp/0004, built with AMX-BF16, on a
     CPU that has it."""

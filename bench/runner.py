@@ -31,6 +31,7 @@ from lfm2edge.bench.machine import (
     amx_usable,
     bf16_on_avx512,
     describe_machine,
+    f32_on_avx512,
     load_average,
     maxsim_backend,
     q8_0_on_vnni,
@@ -68,11 +69,12 @@ def amx_tile_formats() -> tuple[str, ...]:
 
 def extra_buffer_formats() -> tuple[str, ...]:
     """The formats whose matmuls an extra buffer type runs here, so that a side with them off shows what
-    they gain: the AMX tile formats where AMX runs, else bf16 where patch llama.cpp/0019 runs it on
-    AVX512-BF16 and q8_0 where patch llama.cpp/0017 runs it on AVX512-VNNI."""
+    they gain: the AMX tile formats where AMX runs, else those that patch llama.cpp/0019 runs on AVX-512
+    panels (bf16, f32) and q8_0 where patch llama.cpp/0017 runs it on AVX512-VNNI."""
     if amx_usable():
         return amx_tile_formats()
-    return (("bf16",) if bf16_on_avx512() else ()) + (("q8_0",) if q8_0_on_vnni() else ())
+    runs = {"bf16": bf16_on_avx512(), "f32": f32_on_avx512(), "q8_0": q8_0_on_vnni()}
+    return tuple(fmt for fmt, here in runs.items() if here)
 
 
 BUSY_LOAD = 0.5  # a 1-minute load average above this at the start means someone else is using the CPU

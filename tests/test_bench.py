@@ -382,10 +382,12 @@ def test_extra_buffers_off_sides_by_default_only_where_amx_or_the_avx512_kernels
     model = ModelSpec("ColBERT", "late_interaction", (("f16", Path("a.gguf")), ("q8_0", Path("b.gguf"))),
                       None, "test", True)
 
-    def formats(amx_off_side, amx: bool, vnni: bool = False, bf16: bool = False) -> list[tuple[str, bool | None]]:
+    def formats(amx_off_side, amx: bool, vnni: bool = False, bf16: bool = False,
+                f32: bool = False) -> list[tuple[str, bool | None]]:
         monkeypatch.setattr(runner, "amx_usable", lambda: amx)
         monkeypatch.setattr(runner, "q8_0_on_vnni", lambda: vnni)
         monkeypatch.setattr(runner, "bf16_on_avx512", lambda: bf16)
+        monkeypatch.setattr(runner, "f32_on_avx512", lambda: f32)
         config = runner.BenchConfig(model=None, formats=None, reference=None, threads=1, plan=Plan(),
                                     amx_off_side=amx_off_side, int8_side=False)
         return [(s.format, s.extra_buffers) for s in runner.side_specs(model, config)]
@@ -400,12 +402,14 @@ def test_extra_buffers_off_sides_by_default_only_where_amx_or_the_avx512_kernels
     assert formats(None, amx=False, vnni=True) == plain + [("q8_0 no extra bufts", False)]
     assert formats(None, amx=True, vnni=True) == plain + [("q8_0 AMX off", False)]
     assert formats(False, amx=False, vnni=True) == plain
-    # bf16 on patch llama.cpp/0019's AVX512-BF16 kernel against the same file on tinyBLAS
-    model = dataclasses.replace(model, ggufs=(("bf16", Path("a.gguf")), ("q8_0", Path("b.gguf"))))
-    plain = [("bf16", None), ("q8_0", None)]
-    assert formats(None, amx=False, vnni=True, bf16=True) == plain + [("bf16 no extra bufts", False),
-                                                                       ("q8_0 no extra bufts", False)]
+    # bf16 and f32 on patch llama.cpp/0019's AVX-512 panels against the same files on tinyBLAS
+    model = dataclasses.replace(model, ggufs=(("bf16", Path("a.gguf")), ("f32", Path("c.gguf")),
+                                              ("q8_0", Path("b.gguf"))))
+    plain = [("bf16", None), ("f32", None), ("q8_0", None)]
+    assert formats(None, amx=False, vnni=True, bf16=True, f32=True) == plain + [
+        ("bf16 no extra bufts", False), ("f32 no extra bufts", False), ("q8_0 no extra bufts", False)]
     assert formats(None, amx=False, bf16=True) == plain + [("bf16 no extra bufts", False)]
+    assert formats(None, amx=False, f32=True) == plain + [("f32 no extra bufts", False)]
 
 
 def test_kernel_sides_only_for_their_format_and_where_the_build_runs_them(monkeypatch):

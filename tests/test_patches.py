@@ -410,8 +410,8 @@ def test_bf16_matmuls_without_amx_are_the_float32_products(tmp_path, kernel):
     """Where bf16 runs on VDPBF16PS without AMX, every matmul of a decode is its input rounded to bf16 times the
     file's bf16 weight, within float32's rounding of the sum; an output summed from the wrong accumulator is
     off by its own size. Both kernels: tinyBLAS's tile (patch tinyblas-bf16-tile-in-registers, extra buffers
-    off) and the repack buffer's (patch bf16-on-avx512-bf16, extra buffers on), with its 8-token tiles, its
-    leftover tiles of 4, 2 and 1 tokens, and its tails of 1 and 2 groups of 16 rows."""
+    off) and the repack buffer's panels (patch bf16-f32-avx512-panels, extra buffers on), with their 8-token
+    tiles, leftover tiles of 4, 2 and 1 tokens, and tails of 1 and 2 groups of 16 rows."""
     import gguf
 
     from lfm2edge.convert.pipeline import convert
@@ -421,7 +421,7 @@ def test_bf16_matmuls_without_amx_are_the_float32_products(tmp_path, kernel):
         pytest.skip("this build or CPU has no AVX512-BF16, so bf16 does not run on VDPBF16PS")
     if kernel == "repack" and build_info().bf16_on_amx:
         pytest.skip("AMX takes bf16 before the repack buffer on this build")
-    require_patch("tinyblas-bf16-tile-in-registers" if kernel == "tinyblas" else "bf16-on-avx512-bf16")
+    require_patch("tinyblas-bf16-tile-in-registers" if kernel == "tinyblas" else "bf16-f32-avx512-panels")
     bf16 = convert(_amx_sized_checkpoint(tmp_path), tmp_path / "bf16.gguf", "bf16")
     weights = {t.name: t for t in gguf.GGUFReader(bf16).tensors if t.tensor_type == gguf.GGMLQuantizationType.BF16}
     buffers: dict[str, str] = {}
@@ -436,6 +436,40 @@ def test_bf16_matmuls_without_amx_are_the_float32_products(tmp_path, kernel):
         bound = np.abs(xb) @ np.abs(w).T  # sum |x w|: float32 sums of K terms err by a small multiple of it
         ratio = np.abs(out - xb @ w.T) / np.maximum(bound, 1e-30)
         assert ratio.max() <= 1e-5, (name, float(ratio.max()))
+
+
+def test_f32_matmuls_on_avx512_panels_are_the_products_and_as_accurate_as_tinyblas(tmp_path):
+    """Where f32 runs on the repack buffer's AVX-512 panels (patch bf16-f32-avx512-panels), every matmul of a
+    decode is the float64 product within float32's rounding of the sum, and the decode's matmuls are on
+    average no less accurate than tinyBLAS's (extra buffers off), whose 16 lanes each sum a sixteenth of K:
+    the panels add their sums into the outputs every 64 values. One float32 sum over the whole K would be
+    about 4x less accurate here, and f32 is the type that stands for PyTorch fp32."""
+    import gguf
+
+    from lfm2edge.convert.pipeline import convert
+    from lfm2edge.runtime.core.build import build_info
+
+    if "AVX512 = 1" not in build_info().system_info:
+        pytest.skip("this build or CPU has no AVX-512, so f32 does not run on the panels")
+    require_patch("bf16-f32-avx512-panels")
+    f32 = convert(_amx_sized_checkpoint(tmp_path), tmp_path / "f32.gguf", "f32")
+    weights = {t.name: t for t in gguf.GGUFReader(f32).tensors
+               if t.tensor_type == gguf.GGMLQuantizationType.F32 and len(t.shape) == 2}
+    text = "a document of some forty tokens about different things " * 6 + "and three more of"  # 183 tokens
+    errors = {}
+    for kernel in ("panels", "tinyblas"):
+        buffers: dict[str, str] = {}
+        captured = _captured_matmuls(f32, weights, buffers, text, extra_buffers=kernel == "panels")
+        assert {"blk.0.shortconv.in_proj.weight", "blk.1.attn_v.weight", "blk.1.ffn_down.weight"} <= captured.keys()
+        assert (set(buffers.values()) == {"CPU_REPACK"}) == (kernel == "panels"), buffers
+        relative = []
+        for name, (x, out) in captured.items():
+            w = np.asarray(weights[name].data, dtype=np.float64).reshape(-1, x.shape[1])
+            exact, bound = x.astype(np.float64) @ w.T, np.abs(x.astype(np.float64)) @ np.abs(w).T
+            assert (np.abs(out - exact) / np.maximum(bound, 1e-30)).max() <= 1e-5, (kernel, name)
+            relative.append(np.sqrt(np.mean((out - exact) ** 2) / np.mean(exact**2)))
+        errors[kernel] = float(np.mean(relative))
+    assert errors["panels"] <= 1.25 * errors["tinyblas"], errors
 
 
 def _q8_0_product(x: np.ndarray, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -60,10 +60,16 @@ class BuildInfo:
 
     @property
     def bf16_on_avx512(self) -> bool:
-        """Whether bf16 GGUFs run on patch llama.cpp/0019's AVX512-BF16 kernel: a build with AVX512-BF16 whose
+        """Whether bf16 GGUFs run on patch llama.cpp/0019's AVX512-BF16 panels: a build with AVX512-BF16 whose
         AMX does not take bf16 first (AMD Zen 4; Intel without AMX). Without it they run on tinyBLAS."""
         native = "AVX512_BF16 = 1" in self.system_info
-        return native and not self.bf16_on_amx and self.has_patch("bf16-on-avx512-bf16")
+        return native and not self.bf16_on_amx and self.has_patch("bf16-f32-avx512-panels")
+
+    @property
+    def f32_on_avx512(self) -> bool:
+        """Whether f32 GGUFs run on patch llama.cpp/0019's AVX-512 panels (AMX takes f32 only for a load that
+        asks, ``split_f32`` or ``ozaki_f32``). Without it they run on tinyBLAS."""
+        return "AVX512 = 1" in self.system_info and self.has_patch("bf16-f32-avx512-panels")
 
     @property
     def q8_0_on_vnni(self) -> bool:
