@@ -405,7 +405,7 @@ def _bf16_round(x: np.ndarray) -> np.ndarray:
     return bits.astype(np.uint32).view(np.float32)
 
 
-@pytest.mark.parametrize("kernel", ["tinyblas", "repack"])
+@pytest.mark.parametrize("kernel", ["tinyblas", "panels"])
 def test_bf16_matmuls_without_amx_are_the_float32_products(tmp_path, kernel):
     """Where bf16 runs on VDPBF16PS without AMX, every matmul of a decode is its input rounded to bf16 times the
     file's bf16 weight, within float32's rounding of the sum; an output summed from the wrong accumulator is
@@ -419,16 +419,16 @@ def test_bf16_matmuls_without_amx_are_the_float32_products(tmp_path, kernel):
 
     if "AVX512_BF16 = 1" not in build_info().system_info:
         pytest.skip("this build or CPU has no AVX512-BF16, so bf16 does not run on VDPBF16PS")
-    if kernel == "repack" and build_info().bf16_on_amx:
+    if kernel == "panels" and build_info().bf16_on_amx:
         pytest.skip("AMX takes bf16 before the repack buffer on this build")
     require_patch("tinyblas-bf16-tile-in-registers" if kernel == "tinyblas" else "bf16-f32-avx512-panels")
     bf16 = convert(_amx_sized_checkpoint(tmp_path), tmp_path / "bf16.gguf", "bf16")
     weights = {t.name: t for t in gguf.GGUFReader(bf16).tensors if t.tensor_type == gguf.GGMLQuantizationType.BF16}
     buffers: dict[str, str] = {}
     text = "a document of some forty tokens about different things " * 6 + "and three more of"  # 183 tokens
-    captured = _captured_matmuls(bf16, weights, buffers, text, extra_buffers=kernel == "repack")
+    captured = _captured_matmuls(bf16, weights, buffers, text, extra_buffers=kernel == "panels")
     assert {"blk.0.shortconv.in_proj.weight", "blk.1.attn_v.weight", "blk.1.ffn_down.weight"} <= captured.keys()
-    assert (set(buffers.values()) == {"CPU_REPACK"}) == (kernel == "repack"), buffers
+    assert (set(buffers.values()) == {"CPU_REPACK"}) == (kernel == "panels"), buffers
     assert len(next(iter(captured.values()))[0]) % 8 == 7  # leftover tiles of 4, 2 and 1 tokens
     for name, (x, out) in captured.items():
         w = (weights[name].data.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
