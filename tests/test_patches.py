@@ -319,6 +319,10 @@ def test_dynamic_int8_runs_bf16_weights_as_int8_for_that_load_only(tmp_path):
         assert 10 * error_bf16 < error < 0.005
 
 
+# A decode of 183 tokens: the register tiles' leftovers all run (8-token tiles leave 4 + 2 + 1, 4-token groups 3).
+LEFTOVER_TEXT = "a document of some forty tokens about different things " * 6 + "and three more of"
+
+
 def _captured_matmuls(path, weights, buffers: dict[str, str] | None = None,
                       text: str = "a document of some forty tokens about different things " * 6,
                       **options) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -405,6 +409,16 @@ def _bf16_round(x: np.ndarray) -> np.ndarray:
     return bits.astype(np.uint32).view(np.float32)
 
 
+def _product_errors(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> tuple[float, float]:
+    """How far a float32 matmul output is from the float64 product x . w^T: the largest error as a share of
+    sum |x w| (float32 sums of K terms err by a small multiple of it; a wrong accumulator by its own size),
+    and the relative rms error."""
+    x, w = x.astype(np.float64), w.astype(np.float64)
+    exact, bound = x @ w.T, np.abs(x) @ np.abs(w).T
+    worst = float((np.abs(out - exact) / np.maximum(bound, 1e-30)).max())
+    return worst, float(np.sqrt(np.mean((out - exact) ** 2) / np.mean(exact**2)))
+
+
 @pytest.mark.parametrize("kernel", ["tinyblas", "panels"])
 def test_bf16_matmuls_without_amx_are_the_float32_products(tmp_path, kernel):
     """Where bf16 runs on VDPBF16PS without AMX, every matmul of a decode is its input rounded to bf16 times the
@@ -425,17 +439,14 @@ def test_bf16_matmuls_without_amx_are_the_float32_products(tmp_path, kernel):
     bf16 = convert(_amx_sized_checkpoint(tmp_path), tmp_path / "bf16.gguf", "bf16")
     weights = {t.name: t for t in gguf.GGUFReader(bf16).tensors if t.tensor_type == gguf.GGMLQuantizationType.BF16}
     buffers: dict[str, str] = {}
-    text = "a document of some forty tokens about different things " * 6 + "and three more of"  # 183 tokens
-    captured = _captured_matmuls(bf16, weights, buffers, text, extra_buffers=kernel == "panels")
+    captured = _captured_matmuls(bf16, weights, buffers, LEFTOVER_TEXT, extra_buffers=kernel == "panels")
     assert {"blk.0.shortconv.in_proj.weight", "blk.1.attn_v.weight", "blk.1.ffn_down.weight"} <= captured.keys()
     assert (set(buffers.values()) == {"CPU_REPACK"}) == (kernel == "panels"), buffers
     assert len(next(iter(captured.values()))[0]) % 8 == 7  # leftover tiles of 4, 2 and 1 tokens
     for name, (x, out) in captured.items():
-        w = (weights[name].data.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-        xb = _bf16_round(x).astype(np.float64)
-        bound = np.abs(xb) @ np.abs(w).T  # sum |x w|: float32 sums of K terms err by a small multiple of it
-        ratio = np.abs(out - xb @ w.T) / np.maximum(bound, 1e-30)
-        assert ratio.max() <= 1e-5, (name, float(ratio.max()))
+        w = (weights[name].data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        worst, _ = _product_errors(_bf16_round(x), w, out)
+        assert worst <= 1e-5, (name, worst)
 
 
 def test_f32_matmuls_on_avx512_panels_are_the_products_and_as_accurate_as_tinyblas(tmp_path):
@@ -455,19 +466,17 @@ def test_f32_matmuls_on_avx512_panels_are_the_products_and_as_accurate_as_tinybl
     f32 = convert(_amx_sized_checkpoint(tmp_path), tmp_path / "f32.gguf", "f32")
     weights = {t.name: t for t in gguf.GGUFReader(f32).tensors
                if t.tensor_type == gguf.GGMLQuantizationType.F32 and len(t.shape) == 2}
-    text = "a document of some forty tokens about different things " * 6 + "and three more of"  # 183 tokens
     errors = {}
     for kernel in ("panels", "tinyblas"):
         buffers: dict[str, str] = {}
-        captured = _captured_matmuls(f32, weights, buffers, text, extra_buffers=kernel == "panels")
+        captured = _captured_matmuls(f32, weights, buffers, LEFTOVER_TEXT, extra_buffers=kernel == "panels")
         assert {"blk.0.shortconv.in_proj.weight", "blk.1.attn_v.weight", "blk.1.ffn_down.weight"} <= captured.keys()
         assert (set(buffers.values()) == {"CPU_REPACK"}) == (kernel == "panels"), buffers
         relative = []
         for name, (x, out) in captured.items():
-            w = np.asarray(weights[name].data, dtype=np.float64).reshape(-1, x.shape[1])
-            exact, bound = x.astype(np.float64) @ w.T, np.abs(x.astype(np.float64)) @ np.abs(w).T
-            assert (np.abs(out - exact) / np.maximum(bound, 1e-30)).max() <= 1e-5, (kernel, name)
-            relative.append(np.sqrt(np.mean((out - exact) ** 2) / np.mean(exact**2)))
+            worst, rms = _product_errors(x, np.asarray(weights[name].data).reshape(-1, x.shape[1]), out)
+            assert worst <= 1e-5, (kernel, name, worst)
+            relative.append(rms)
         errors[kernel] = float(np.mean(relative))
     assert errors["panels"] <= 1.25 * errors["tinyblas"], errors
 
@@ -509,8 +518,7 @@ def test_q8_0_matmuls_on_avx512_vnni_are_the_q8_0_products(tmp_path):
     q8 = convert(_amx_sized_checkpoint(tmp_path), tmp_path / "q8_0.gguf", "q8_0")
     weights = {t.name: t for t in gguf.GGUFReader(q8).tensors if t.tensor_type == gguf.GGMLQuantizationType.Q8_0}
     buffers: dict[str, str] = {}
-    text = "a document of some forty tokens about different things " * 6 + "and three more"
-    captured = _captured_matmuls(q8, weights, buffers, text, extra_buffers=True)
+    captured = _captured_matmuls(q8, weights, buffers, LEFTOVER_TEXT, extra_buffers=True)
     assert {"blk.0.shortconv.in_proj.weight", "blk.1.attn_v.weight", "blk.1.ffn_down.weight"} <= captured.keys()
     assert set(buffers.values()) == {"CPU_REPACK"}, buffers
     assert len(next(iter(captured.values()))[0]) % 4 != 0  # leftover tokens too

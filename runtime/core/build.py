@@ -79,9 +79,9 @@ class BuildInfo:
     def fastest_type(self) -> str:
         """The GGUF type to convert to for speed on this build: q8_0 where it runs on the VNNI kernel (on Zen 4
         a query in 36.5 ms against bf16's 53.3 on patch 0019, in one bench run), else bf16 where the CPU
-        multiplies bf16 natively, else q8_0. Without that kernel or AMX, q8_0 rescales every 32 values in 256-bit registers:
-        on Zen 4 its query took 108.7 ms against bf16's 73.6, and its documents 1.30 docs/s against 2.02
-        (bench/PROFILE.md)."""
+        multiplies bf16 natively, else q8_0. Without that kernel or AMX, q8_0 rescales every 32 values in
+        256-bit registers: on Zen 4 its query took 108.7 ms against bf16's 73.6, and its documents 1.30
+        docs/s against 2.02 (bench/PROFILE.md)."""
         if self.q8_0_on_vnni:
             return "q8_0"
         return "bf16" if self.bf16_native else "q8_0"
