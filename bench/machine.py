@@ -69,7 +69,8 @@ def load_average() -> list[float] | None:
 
 
 def maxsim_backend() -> str:
-    """What scores MaxSim here at ColBERT's 128 dims: "kernel amx", "kernel avx512", "kernel avx2" or "numpy"."""
+    """What scores MaxSim here at ColBERT's 128 dims: "kernel amx", "kernel avx512bf16", "kernel avx512",
+    "kernel avx2" or "numpy"."""
     from lfm2edge.runtime.core.maxsim import kernel_path
 
     path = kernel_path(128)

@@ -23,8 +23,10 @@ def _cpu_flags() -> set[str]:
 
 FLAGS = _cpu_flags()
 AMX = {"amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "f16c"}
+AVX512_BF16 = {"avx512_bf16", "avx512f", "f16c"}
 PATHS = {
     "amx": (AMX, [32, 128]),
+    "avx512bf16": (AVX512_BF16, [32, 128]),
     "avx512": ({"avx512f", "f16c"}, [16, 128]),
     "avx2": ({"avx2", "fma", "f16c"}, [8, 24, 128, 200]),
 }
@@ -39,9 +41,8 @@ def test_kernel_is_built_where_it_can_run():
     # A failed build would silently fall back to numpy: make CI notice.
     if platform.machine() not in ("x86_64", "AMD64") or not PATHS["avx2"][0] <= FLAGS:
         pytest.skip("the kernel has no path for this CPU")
-    expected = next(p for p in ("amx", "avx512", "avx2") if PATHS[p][0] <= FLAGS)
-    if expected == "amx" and platform.system() != "Linux":
-        expected = "avx512"
+    linux = platform.system() == "Linux"
+    expected = next(p for p in ("amx", "avx512bf16", "avx512", "avx2") if PATHS[p][0] <= FLAGS and (p != "amx" or linux))
     assert m.kernel_path(128) == expected
 
 
@@ -73,13 +74,22 @@ def _near_ties(rng, n_docs, dim):
     return docs
 
 
+def _uneven_norms(docs):
+    """The same documents with rows 8-15 of every 16 ten times as long and the rest a tenth: a screen
+    whose bound took a short row's norm for a long row's would drop the long rows' near ties."""
+    return [(d * np.where(np.arange(len(d)) // 8 % 2 == 1, 10.0, 0.1)[:, None]).astype(np.float32) for d in docs]
+
+
+@pytest.mark.parametrize("path", ["amx", "avx512bf16"])
 @pytest.mark.parametrize("n_query", [1, 17, 32, 33, 70])
-def test_amx_scores_are_the_avx512_scores_bit_for_bit(n_query):
-    if m._maxsim is None or not AMX <= FLAGS or m.kernel_path(128) != "amx":
-        pytest.skip("no AMX path here")
+def test_screened_scores_are_the_avx512_scores_bit_for_bit(path, n_query):
+    # The screened paths' rescoring must find every row that holds a maximum, and compute it as the
+    # AVX-512 path does: the same bits, not merely close ones.
+    if m._maxsim is None or not PATHS[path][0] <= FLAGS or (path == "amx" and m.kernel_path(128) != "amx"):
+        pytest.skip(f"no {path} path here")
     rng = np.random.default_rng(100 + n_query)
     for dim in (32, 64, 128):
-        docs = _near_ties(rng, 150, dim) + _corpus(rng, dim, n_docs=50)
+        docs = _near_ties(rng, 150, dim) + _corpus(rng, dim, n_docs=50) + _uneven_norms(_near_ties(rng, 50, dim))
         # the query's rows: near the documents' directions (near ties), random, and one all-zero row
         q = np.concatenate([docs[0][: n_query // 2], rng.standard_normal((n_query, dim))])[:n_query]
         q = m.normalize_rows(q.astype(np.float32))
@@ -87,24 +97,47 @@ def test_amx_scores_are_the_avx512_scores_bit_for_bit(n_query):
             q[1] = 0.0
         packed = PackedDocuments.pack(docs, np.float16)
         exact = m._maxsim_kernel(q, packed, "avx512", threads=1)
-        np.testing.assert_array_equal(m._maxsim_kernel(q, packed, "amx", threads=1), exact)
-        np.testing.assert_array_equal(m._maxsim_kernel(q, packed, "amx", threads=2), exact)
-    # What the tiles do not screen goes to the AVX-512 path whole: float32 storage, a document
-    # longer than 2,048 rows or holding an infinity (written into a packed view after its checks),
+        np.testing.assert_array_equal(m._maxsim_kernel(q, packed, path, threads=1), exact)
+        np.testing.assert_array_equal(m._maxsim_kernel(q, packed, path, threads=2), exact)
+    # What the screens do not take goes to the AVX-512 path whole: float32 storage, a document
+    # longer than 2,048 rows or holding an infinity or a NaN (written into a packed view after its checks),
     # query values too large or too small for bf16.
     docs = _corpus(rng, 128, n_docs=20) + [m.normalize_rows(rng.standard_normal((2_100, 128)))]
     q = m.normalize_rows(rng.standard_normal((n_query, 128)).astype(np.float32))
     packed = PackedDocuments.pack(docs, np.float16)
     vectors = packed.vectors.copy()
     vectors[packed.offsets[3] + 1, 5] = np.inf
+    vectors[packed.offsets[7] + 2, 9] = np.nan
     tampered = PackedDocuments(vectors, packed.offsets)
     exact = m._maxsim_kernel(q, tampered, "avx512", threads=1)
-    np.testing.assert_array_equal(m._maxsim_kernel(q, tampered, "amx", threads=1), exact)
+    np.testing.assert_array_equal(m._maxsim_kernel(q, tampered, path, threads=1), exact)
     for dtype in (np.float16, np.float32):
         packed = PackedDocuments.pack(docs, dtype)
         for scale in (1.0, 1e20, 1e-30):
             exact = m._maxsim_kernel(q * scale, packed, "avx512", threads=1)
-            np.testing.assert_array_equal(m._maxsim_kernel(q * scale, packed, "amx", threads=1), exact)
+            np.testing.assert_array_equal(m._maxsim_kernel(q * scale, packed, path, threads=1), exact)
+
+
+@pytest.mark.parametrize("path", ["amx", "avx512bf16"])
+def test_screened_bound_holds_where_bf16_rounding_errors_are_largest(path):
+    # Row a holds the maximum, but bf16 rounds its values and the query's under it down by 2^-8 each
+    # (ties to even), while row b's round up: the screen puts b ahead of a by 1.4% of |q| |d|. A
+    # bound that took bf16's rounding for 2^-9 (0.0041 per product) would drop a and score b.
+    if m._maxsim is None or not PATHS[path][0] <= FLAGS or (path == "amx" and m.kernel_path(128) != "amx"):
+        pytest.skip(f"no {path} path here")
+    q = np.empty((1, 128), dtype=np.float32)
+    q[0, :64] = 1 + 2**-8  # to 1
+    q[0, 64:] = 1 + 2**-8 + 2**-23  # to 1 + 2^-7
+    a = np.zeros(128, dtype=np.float32)
+    a[:64] = 1 + 2**-8  # to 1
+    b = np.zeros(128, dtype=np.float32)
+    b[64:] = 1 + 2**-8 + 2**-10  # to 1 + 2^-7
+    b[127] = 0.942  # the largest float16 that keeps b's similarity below a's
+    exact = q[0].astype(np.float64) @ np.stack([a, b]).astype(np.float16).astype(np.float64).T
+    assert exact[0] > exact[1]
+    packed = PackedDocuments.pack([np.stack([a, b])], np.float16)
+    np.testing.assert_array_equal(m._maxsim_kernel(q, packed, path, threads=1), np.float32(exact[0]))
+    np.testing.assert_array_equal(m._maxsim_kernel(q, packed, "avx512", threads=1), np.float32(exact[0]))
 
 
 def test_kernel_keeps_negative_maxima():

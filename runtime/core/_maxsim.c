@@ -18,6 +18,8 @@
  * - amx (Linux, AMX-BF16 + AVX512-BF16, float16 storage, dimension a multiple of 32 up to 128):
  *   bf16 tiles screen every similarity, and the few document rows that can hold a query row's
  *   maximum are rescored with the AVX-512 path's own FMA sequence: its scores, bit for bit;
+ * - avx512bf16 (AVX512-BF16 without AMX, e.g. Zen 4; the same sizes): the same screen and rescoring,
+ *   the screen done by VDPBF16PS in vector registers;
  * - AVX-512 (AVX-512F + F16C, dimension a multiple of 16 up to 128: ColBERT's 128);
  * - AVX2 (AVX2 + FMA + F16C, dimension a multiple of 8).
  * Elsewhere (Apple Silicon, old x86) the module reports no path and maxsim.py uses numpy, whose
@@ -37,7 +39,11 @@
 #include <immintrin.h>
 #endif
 
-#if defined(LFM2EDGE_X86) && defined(__linux__) && \
+#if defined(LFM2EDGE_X86) && ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10))
+#define LFM2EDGE_BF16 1 /* a compiler with AVX512-BF16 intrinsics: the screened paths */
+#endif
+
+#if defined(LFM2EDGE_BF16) && defined(__linux__) && \
     ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
 #define LFM2EDGE_AMX 1 /* a compiler with AMX intrinsics, and a kernel that grants the tile state */
 #include <cpuid.h>
@@ -153,24 +159,286 @@ __attribute__((target("avx512f,fma,f16c"))) static void score_avx512(const Job *
     }
 }
 
-#ifdef LFM2EDGE_AMX
-/* AMX: screen with bf16 tiles, then rescore the rows that can win exactly.
+#ifdef LFM2EDGE_BF16
+/* Screened paths: bf16 products screen every similarity, then the rows that can win are rescored exactly.
  *
- * A tile product of bf16-rounded vectors is off from the AVX-512 path's float32 FMA sum by at most
- * SCREEN_ERR * |q| * |d|: rounding to bf16 moves each operand by <= 2^-9 relative (a product by
- * 2^-8 + 2^-18), and a float32 sum of up to 128 terms, tile or FMA, is off by <= 128 * 2^-24 of
- * sum |q_k d_k| <= |q| |d|. 2^-8 + 2^-18 + 2 * 7.7e-6 = 0.003926; 0.0041 covers rounding the bound.
+ * A product of bf16-rounded vectors summed in float32 is off from the AVX-512 path's float32 FMA sum by at
+ * most SCREEN_ERR * |q| * |d|: rounding to bf16 (8 significant bits) moves each operand by <= 2^-8
+ * relative (a product by 2^-7 + 2^-16), and a float32 sum of up to 128 terms, screen or FMA, is off by
+ * <= 128 * 2^-24 of sum |q_k d_k| <= |q| |d|. 2^-7 + 2^-16 + 2 * 7.7e-6 = 0.007843; 0.0079 covers
+ * rounding the bound.
  * So a row can hold query row j's maximum only if its screened similarity is within 2 * bound of
  * the screened maximum. Those rows (a few per document) are rescored with the AVX-512 path's FMA
  * sequence and the maxima summed in its order, so the scores are bit-identical to that path.
+ *
+ * Two screens fill the same table of screened similarities:
+ * - amx: AMX-BF16 tiles (Sapphire Rapids and later);
+ * - avx512bf16: AVX512-BF16's VDPBF16PS in zmm registers (Zen 4, and Intel CPUs without AMX). One
+ *   instruction does 32 bf16 products where an FMA does 16 float32 ones: half the FMA path's work.
+ * Both treat bf16 denormals as zero and accumulate in float32, so one bound serves both.
  */
-#define SCREEN_ERR 0.0041f
-#define SCREEN_ABS 1e-30f   /* the tiles count bf16 denormals as zero */
-#define AMX_MAX_ROWS 2048   /* longer documents go to the AVX-512 path whole */
-#define AMX_MAX_QUERY 1e15f /* larger query values could overflow bf16 sums: AVX-512 path */
-#define TILE_U16 512        /* one 16 x 64-byte tile, in bf16 values */
-#define RESCORE_ROWS 8      /* rows rescored at once: 8 FMA chains keep both FMA ports busy */
+#define SCREEN_ERR 0.0079f
+#define SCREEN_ABS 1e-30f      /* the screens count bf16 denormals as zero */
+#define SCREEN_MAX_ROWS 2048   /* longer documents go to the AVX-512 path whole */
+#define SCREEN_MAX_QUERY 1e15f /* larger query values could overflow bf16 sums: AVX-512 path */
+#define TILE_U16 512           /* 16 k pairs x 16 query rows in bf16: one AMX tile, or 16 zmm operands */
+#define RESCORE_ROWS 8         /* rows rescored at once: 8 FMA chains keep both FMA ports busy */
+#define SCREEN_ROWS 8          /* rows per VDPBF16PS register block: 8 x 2 halves of accumulators */
 
+static uint16_t bf16_rne(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+/* One query pass as bf16, [dim / 32 steps][2 halves of 16 query rows][16 k pairs][16][2], and each query
+ * row's L2 norm. A step's half is an AMX B tile; its k pair r is the 64 bytes VDPBF16PS multiplies. */
+static void query_tiles(const float *qt, int dim, uint16_t *tiles, float *norms) {
+    for (int s = 0; s < dim / 32; s++)
+        for (int h = 0; h < 2; h++)
+            for (int r = 0; r < 16; r++)
+                for (int n = 0; n < 16; n++)
+                    for (int e = 0; e < 2; e++)
+                        tiles[(((size_t)(s * 2 + h) * 16 + r) * 16 + n) * 2 + e] =
+                            bf16_rne(qt[(size_t)(32 * s + 2 * r + e) * QW + 16 * h + n]);
+    for (int j = 0; j < QW; j++) {
+        double ss = 0.0; /* squares of tiny float32 values underflow in float32 */
+        for (int k = 0; k < dim; k++) ss += (double)qt[(size_t)k * QW + j] * qt[(size_t)k * QW + j];
+        norms[j] = (float)sqrt(ss);
+    }
+}
+
+/* The larger of a running maximum and x, where a NaN, once seen, stays. */
+static inline float larger(float running, float x) { return x > running || x != x ? x : running; }
+
+/* Lane i of the result: the sum of v[i]'s 16 lanes (16 horizontal sums in 45 operations, not 16 x 8). */
+__attribute__((target("avx512f"))) static inline __m512 lane_sums16(const __m512 *v) {
+    __m512 u[8], w[4], z[2];
+    for (int i = 0; i < 8; i++) /* per 128 bits: rows 2i, 2i + 1 interleaved, 2 partial sums each */
+        u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) { /* per 128 bits: rows 4i .. 4i + 3, one partial sum each */
+        const __m512d a = _mm512_castps_pd(u[2 * i]), b = _mm512_castps_pd(u[2 * i + 1]);
+        w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    for (int i = 0; i < 2; i++) /* 128-bit chunks: w[2i] chunks 0+1, 2+3; w[2i+1] the same */
+        z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+}
+
+/* n <= 32 float16 rows rounded to bf16 into dst (same layout), zero-padded to 32 rows; returns the
+ * largest squared row norm (infinite where a row holds NaN or infinity). */
+__attribute__((target("avx512f,avx512bf16,fma,f16c"))) static float rows_to_bf16(const uint16_t *src, int n,
+                                                                                   int dim, uint16_t *dst) {
+    __m512 largest = _mm512_setzero_ps();
+    for (int t0 = 0; t0 < n; t0 += 16) {
+        __m512 ss[16];
+        for (int t = t0; t < t0 + 16; t++) {
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0; /* two chains: rows are short, latency shows */
+            for (int k = 0; t < n && k < dim; k += 32) {
+                const __m512 x0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + (size_t)t * dim + k)));
+                const __m512 x1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + (size_t)t * dim + k + 16)));
+                s0 = _mm512_fmadd_ps(x0, x0, s0);
+                s1 = _mm512_fmadd_ps(x1, x1, s1);
+                _mm512_storeu_si512((void *)(dst + (size_t)t * dim + k), (__m512i)_mm512_cvtne2ps_pbh(x1, x0));
+            }
+            ss[t - t0] = _mm512_add_ps(s0, s1);
+        }
+        const __m512 sums = lane_sums16(ss);
+        /* NaN counts as infinity, so the caller's finiteness check sees it */
+        largest = _mm512_max_ps(largest, _mm512_mask_mov_ps(sums, _mm512_cmp_ps_mask(sums, sums, _CMP_UNORD_Q),
+                                                            _mm512_set1_ps(INFINITY)));
+    }
+    memset(dst + (size_t)n * dim, 0, (size_t)(32 - n) * dim * sizeof(uint16_t));
+    return _mm512_reduce_max_ps(largest);
+}
+
+/* Document d alone, on the AVX-512 path: what the screens do not take. */
+static void score_one_avx512(const Job *job, int64_t d, float *rows) {
+    Job one = *job;
+    one.first = d, one.last = d + 1;
+    score_avx512(&one, rows);
+}
+
+/* What a screen works with: the query's bf16 passes, two 32-row blocks for bf16 document rows, and the
+ * screened similarities of the document at hand, [passes][cap rows][QW]. */
+typedef struct {
+    int dim, passes;
+    const uint16_t *qtiles; /* [passes][dim / 32][2][TILE_U16] */
+    uint16_t *blocks[2];
+    float *screen;
+    size_t cap;
+} Screen;
+
+/* Screens the n rows of the document starting at row `begin` into s->screen; returns the largest
+ * squared row norm (NaN or infinite where a row holds NaN or infinity). */
+typedef float (*ScreenDocFn)(const Screen *s, const Job *job, int64_t begin, int n);
+
+/* VDPBF16PS: 8 rows x 32 query rows of float32 sums in 16 zmm registers; per k pair, one broadcast of a
+ * row's pair and one instruction per half. Each 32-row block is rounded to bf16 once, then screened. */
+__attribute__((target("avx512f,avx512bf16,fma,f16c"))) static float screen_doc_bf16(const Screen *s, const Job *job,
+                                                                                      int64_t begin, int n) {
+    const int dim = s->dim, steps = dim / 32;
+    const uint16_t *src = (const uint16_t *)job->tokens + (size_t)begin * dim;
+    uint16_t *block = s->blocks[0];
+    float largest = 0.0f;
+    for (int t0 = 0; t0 < n; t0 += 32) {
+        const int nb = n - t0 < 32 ? n - t0 : 32;
+        largest = larger(largest, rows_to_bf16(src + (size_t)t0 * dim, nb, dim, block));
+        /* the next 32 rows, on their way while these are screened: the stream is the bound */
+        const int64_t ahead = begin + t0 + 32, stop = job->offsets[job->last];
+        if (ahead < stop) {
+            const char *from = (const char *)job->tokens + (size_t)ahead * dim * sizeof(uint16_t);
+            const size_t bytes = (size_t)(stop - ahead < 32 ? stop - ahead : 32) * dim * sizeof(uint16_t);
+            for (size_t o = 0; o < bytes; o += 64) _mm_prefetch(from + o, _MM_HINT_T0);
+        }
+        for (int p = 0; p < s->passes; p++) {
+            const uint16_t *qp = s->qtiles + (size_t)p * steps * 2 * TILE_U16;
+            float *out = s->screen + ((size_t)p * s->cap + t0) * QW;
+            for (int r0 = 0; r0 < nb; r0 += SCREEN_ROWS) { /* rows past nb are the block's zero padding */
+                __m512 a0[SCREEN_ROWS], a1[SCREEN_ROWS];
+                for (int r = 0; r < SCREEN_ROWS; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+                const uint16_t *x = block + (size_t)r0 * dim;
+                for (int st = 0; st < steps; st++) {
+                    const uint16_t *q = qp + (size_t)st * 2 * TILE_U16;
+                    for (int k = 0; k < 16; k++) {
+                        const __m512bh q0 = (__m512bh)_mm512_load_si512((const void *)(q + 32 * k));
+                        const __m512bh q1 = (__m512bh)_mm512_load_si512((const void *)(q + TILE_U16 + 32 * k));
+#pragma GCC unroll 8
+                        for (int r = 0; r < SCREEN_ROWS; r++) {
+                            int32_t pair;
+                            memcpy(&pair, x + (size_t)r * dim + 32 * st + 2 * k, sizeof pair);
+                            const __m512bh b = (__m512bh)_mm512_set1_epi32(pair);
+                            a0[r] = _mm512_dpbf16_ps(a0[r], b, q0);
+                            a1[r] = _mm512_dpbf16_ps(a1[r], b, q1);
+                        }
+                    }
+                }
+                for (int r = 0; r < SCREEN_ROWS; r++) {
+                    _mm512_store_ps(out + (size_t)(r0 + r) * QW, a0[r]);
+                    _mm512_store_ps(out + (size_t)(r0 + r) * QW + 16, a1[r]);
+                }
+            }
+        }
+    }
+    return largest;
+}
+
+/* Document d's scores from its screened similarities: for each query row, the rows within 2 bounds of
+ * its screened maximum are rescored as score_avx512 computes them and the maxima summed in its order. */
+__attribute__((target("avx512f,fma,f16c"))) static void rescore_doc(const Job *job, const Screen *s,
+                                                                    const float *qnorms, int64_t d, int n,
+                                                                    float norm, int *cand, float *rows) {
+    const int dim = s->dim;
+    const int64_t begin = job->offsets[d];
+    for (int p = 0; p < s->passes; p++) {
+        const float *qt = job->qt + (size_t)p * dim * QW;
+        const float *screened = s->screen + (size_t)p * s->cap * QW;
+        const int lanes = job->n_query - p * QW < QW ? job->n_query - p * QW : QW;
+        __m512 top0 = _mm512_set1_ps(-INFINITY), top1 = top0;
+        for (int t = 0; t < n; t++) {
+            top0 = _mm512_max_ps(top0, _mm512_load_ps(screened + (size_t)t * QW));
+            top1 = _mm512_max_ps(top1, _mm512_load_ps(screened + (size_t)t * QW + 16));
+        }
+        /* Threshold: screened maximum - 2 * bound; +inf for padding lanes, which never pick rows. */
+        const __m512 err = _mm512_set1_ps(2.0f * SCREEN_ERR * norm), abs2 = _mm512_set1_ps(2.0f * SCREEN_ABS);
+        const __mmask16 real0 = lanes >= 16 ? 0xFFFF : (__mmask16)((1u << lanes) - 1);
+        const __mmask16 real1 = lanes <= 16 ? 0 : lanes >= 32 ? 0xFFFF : (__mmask16)((1u << (lanes - 16)) - 1);
+        const __m512 inf = _mm512_set1_ps(INFINITY);
+        const __m512 lo0 = _mm512_mask_sub_ps(inf, real0, top0, _mm512_fmadd_ps(err, _mm512_load_ps(qnorms + p * QW), abs2));
+        const __m512 lo1 = _mm512_mask_sub_ps(inf, real1, top1, _mm512_fmadd_ps(err, _mm512_load_ps(qnorms + p * QW + 16), abs2));
+        /* Candidates per quarter of the query rows (8 lanes): a row is one where any of its lanes reaches
+         * the threshold. Quarters, not halves: fewer rows per list, and 8-lane FMAs issue two per cycle. */
+        int nc[4] = {0, 0, 0, 0};
+        for (int t = 0; t < n; t++) {
+            const uint32_t hit = _mm512_cmp_ps_mask(_mm512_load_ps(screened + (size_t)t * QW), lo0, _CMP_GE_OQ) |
+                                 (uint32_t)_mm512_cmp_ps_mask(_mm512_load_ps(screened + (size_t)t * QW + 16), lo1,
+                                                              _CMP_GE_OQ) << 16;
+            for (int h = 0; h < 4; h++) {
+                cand[h * s->cap + nc[h]] = t;
+                nc[h] += (hit >> 8 * h & 0xFF) != 0;
+            }
+        }
+        /* Each quarter rescores its candidates, RESCORE_ROWS at a time, exactly as score_avx512 computes
+         * them: lane j of a row is fma(d[k], q_j[k], .) over k from zero. */
+        __m256 best[4];
+        for (int h = 0; h < 4; h++) {
+            best[h] = _mm256_set1_ps(-INFINITY);
+            const int *rows_h = cand + h * s->cap;
+            for (int i = 0; i < nc[h]; i += RESCORE_ROWS) {
+                const int nr = nc[h] - i < RESCORE_ROWS ? nc[h] - i : RESCORE_ROWS;
+                for (int r = 0; r < nr; r++)
+                    for (int k = 0; k < dim; k += 16)
+                        _mm512_store_ps(rows + r * KC + k,
+                                        _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(
+                                            (const uint16_t *)job->tokens + (size_t)(begin + rows_h[i + r]) * dim + k))));
+                __m256 acc[RESCORE_ROWS];
+                for (int r = 0; r < RESCORE_ROWS; r++) acc[r] = _mm256_setzero_ps();
+                const float *q = qt + 8 * h, *x = rows;
+                for (int k = 0; k < dim; k++, q += QW, x++) {
+                    const __m256 qk = _mm256_load_ps(q);
+#pragma GCC unroll 8
+                    for (int r = 0; r < RESCORE_ROWS; r++) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(x[r * KC]), qk, acc[r]);
+                }
+                for (int r = 0; r < nr; r++) best[h] = _mm256_max_ps(best[h], acc[r]);
+            }
+        }
+        Cursor c = {d, INT64_MAX};
+        float maxima[QW];
+        for (int h = 0; h < 4; h++) _mm256_storeu_ps(maxima + 8 * h, best[h]);
+        finish_doc(job, &c, maxima, lanes, p == 0);
+    }
+}
+
+/* A screened path: every document screened by screen_doc and rescored, or scored on the AVX-512 path
+ * whole where the screen's bound does not hold (float32 storage, huge query values, a document longer
+ * than SCREEN_MAX_ROWS or holding NaN or infinity) or memory runs out. */
+__attribute__((target("avx512f,fma,f16c"))) static void score_screened(const Job *job, float *rows,
+                                                                       ScreenDocFn screen_doc) {
+    const int dim = job->dim, passes = (job->n_query + QW - 1) / QW, steps = dim / 32;
+    float qmax = 0.0f;
+    for (size_t i = 0; i < (size_t)passes * dim * QW; i++) qmax = fabsf(job->qt[i]) > qmax ? fabsf(job->qt[i]) : qmax;
+    int64_t longest = 0;
+    for (int64_t d = job->first; d < job->last; d++) {
+        const int64_t n = job->offsets[d + 1] - job->offsets[d];
+        longest = n <= SCREEN_MAX_ROWS && n > longest ? n : longest;
+    }
+    const size_t cap = (size_t)(longest + 31) / 32 * 32; /* screened rows per pass, whole 32-row steps */
+    uint16_t *qtiles = aligned_alloc(64, (size_t)passes * steps * 2 * TILE_U16 * sizeof(uint16_t));
+    float *qnorms = aligned_alloc(64, (size_t)passes * QW * sizeof(float));
+    Screen s = {dim, passes, qtiles,
+                {aligned_alloc(64, 32 * (size_t)dim * sizeof(uint16_t)), aligned_alloc(64, 32 * (size_t)dim * sizeof(uint16_t))},
+                aligned_alloc(64, (cap ? cap : 32) * passes * QW * sizeof(float)), cap};
+    int *cand = malloc(4 * (cap ? cap : 32) * sizeof(int)); /* a list per quarter of the query rows */
+    if (!job->is_f16 || !(qmax <= SCREEN_MAX_QUERY) || !qtiles || !qnorms || !s.blocks[0] || !s.blocks[1] ||
+        !s.screen || !cand) {
+        score_avx512(job, rows); /* float32 storage, huge query values, or no memory: the FMA path */
+        goto done;
+    }
+    for (int p = 0; p < passes; p++)
+        query_tiles(job->qt + (size_t)p * dim * QW, dim, qtiles + (size_t)p * steps * 2 * TILE_U16, qnorms + p * QW);
+    for (int64_t d = job->first; d < job->last; d++) {
+        const int64_t begin = job->offsets[d];
+        const int n = (int)(job->offsets[d + 1] - begin);
+        if (n > SCREEN_MAX_ROWS) {
+            score_one_avx512(job, d, rows);
+            continue;
+        }
+        const float largest = screen_doc(&s, job, begin, n);
+        if (!(largest <= FLT_MAX)) { /* NaN or infinity in the document: its scores are the FMA path's */
+            score_one_avx512(job, d, rows);
+            continue;
+        }
+        rescore_doc(job, &s, qnorms, d, n, sqrtf(largest), cand, rows);
+    }
+done:
+    free(qtiles), free(qnorms), free(s.blocks[0]), free(s.blocks[1]), free(s.screen), free(cand);
+}
+
+static void score_bf16(const Job *job, float *rows) { score_screened(job, rows, screen_doc_bf16); }
+#endif
+
+#ifdef LFM2EDGE_AMX
 /* GCC's tileloadd has no memory operand: keep the stores that fill a block before it. */
 static inline void compiler_barrier(void) { __asm__ volatile("" ::: "memory"); }
 
@@ -195,81 +463,57 @@ static int amx_usable(void) {
     return usable;
 }
 
-static uint16_t bf16_rne(float x) {
-    uint32_t u;
-    memcpy(&u, &x, sizeof u);
-    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
-
-/* One query pass as bf16 B tiles, [dim / 32 steps][2 halves of 16 query rows][16 k pairs][16][2],
- * and each query row's L2 norm. */
-static void query_tiles(const float *qt, int dim, uint16_t *tiles, float *norms) {
-    for (int s = 0; s < dim / 32; s++)
-        for (int h = 0; h < 2; h++)
-            for (int r = 0; r < 16; r++)
-                for (int n = 0; n < 16; n++)
-                    for (int e = 0; e < 2; e++)
-                        tiles[(((size_t)(s * 2 + h) * 16 + r) * 16 + n) * 2 + e] =
-                            bf16_rne(qt[(size_t)(32 * s + 2 * r + e) * QW + 16 * h + n]);
-    for (int j = 0; j < QW; j++) {
-        double ss = 0.0; /* squares of tiny float32 values underflow in float32 */
-        for (int k = 0; k < dim; k++) ss += (double)qt[(size_t)k * QW + j] * qt[(size_t)k * QW + j];
-        norms[j] = (float)sqrt(ss);
-    }
-}
-
-/* The larger of a running maximum and x, where a NaN, once seen, stays. */
-static inline float larger(float running, float x) { return x > running || x != x ? x : running; }
-
-/* n <= 32 float16 rows rounded to bf16 into dst (same layout), zero-padded to 32 rows; returns the
- * largest squared row norm (NaN or infinite where a row holds NaN or infinity). */
-__attribute__((target("avx512f,avx512bf16,fma,f16c"))) static float rows_to_bf16(const uint16_t *src, int n,
-                                                                                   int dim, uint16_t *dst) {
-    float largest = 0.0f;
-    for (int t = 0; t < n; t++) {
-        __m512 ss = _mm512_setzero_ps();
-        for (int k = 0; k < dim; k += 32) {
-            const __m512 x0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + (size_t)t * dim + k)));
-            const __m512 x1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + (size_t)t * dim + k + 16)));
-            ss = _mm512_fmadd_ps(x1, x1, _mm512_fmadd_ps(x0, x0, ss));
-            _mm512_storeu_si512((void *)(dst + (size_t)t * dim + k), (__m512i)_mm512_cvtne2ps_pbh(x1, x0));
+/* AMX tiles: 32 rows at a time; the tiles multiply one block while the vector units widen the next. */
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,fma,f16c"))) static float screen_doc_amx(
+    const Screen *s, const Job *job, int64_t begin, int n) {
+    const int dim = s->dim, passes = s->passes, steps = dim / 32;
+    uint16_t *const *blocks = s->blocks;
+    const size_t cap = s->cap;
+    const uint16_t *src = (const uint16_t *)job->tokens + (size_t)begin * dim;
+    float largest = rows_to_bf16(src, n < 32 ? n : 32, dim, blocks[0]);
+    for (int t0 = 0, c = 0; t0 < n; t0 += 32, c ^= 1) {
+        /* the rows after next, on their way while these compute: the stream is the bound */
+        const int64_t ahead = begin + t0 + 64, stop = job->offsets[job->last];
+        if (ahead < stop) {
+            const char *from = (const char *)job->tokens + (size_t)ahead * dim * sizeof(uint16_t);
+            const size_t bytes = (size_t)(stop - ahead < 32 ? stop - ahead : 32) * dim * sizeof(uint16_t);
+            for (size_t o = 0; o < bytes; o += 64) _mm_prefetch(from + o, _MM_HINT_T0);
         }
-        largest = larger(largest, _mm512_reduce_add_ps(ss));
+        const uint16_t *block = blocks[c];
+        compiler_barrier(); /* tileloadd does not tell the compiler it reads the block */
+        for (int p = 0; p < passes; p++) {
+            const uint16_t *qp = s->qtiles + (size_t)p * steps * 2 * TILE_U16;
+            float *out = s->screen + ((size_t)p * cap + t0) * QW;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int st = 0; st < steps; st++) {
+                _tile_loadd(4, block + 32 * st, dim * (int)sizeof(uint16_t));
+                _tile_loadd(5, block + (size_t)16 * dim + 32 * st, dim * (int)sizeof(uint16_t));
+                _tile_loadd(6, qp + (size_t)(2 * st) * TILE_U16, 64);
+                _tile_loadd(7, qp + (size_t)(2 * st + 1) * TILE_U16, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+            if (p == 0 && t0 + 32 < n) {
+                const float sq = rows_to_bf16(src + (size_t)(t0 + 32) * dim, n - t0 - 32 < 32 ? n - t0 - 32 : 32,
+                                              dim, blocks[c ^ 1]);
+                largest = larger(largest, sq);
+            }
+            _tile_stored(0, out, QW * (int)sizeof(float));
+            _tile_stored(1, out + 16, QW * (int)sizeof(float));
+            _tile_stored(2, out + 16 * QW, QW * (int)sizeof(float));
+            _tile_stored(3, out + 16 * QW + 16, QW * (int)sizeof(float));
+        }
     }
-    memset(dst + (size_t)n * dim, 0, (size_t)(32 - n) * dim * sizeof(uint16_t));
     return largest;
-}
-
-/* Document d alone, on the AVX-512 path: what the tiles do not screen. */
-static void score_one_avx512(const Job *job, int64_t d, float *rows) {
-    Job one = *job;
-    one.first = d, one.last = d + 1;
-    score_avx512(&one, rows);
 }
 
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,fma,f16c"))) static void score_amx(const Job *job,
                                                                                             float *rows) {
-    const int dim = job->dim, passes = (job->n_query + QW - 1) / QW, steps = dim / 32;
-    float qmax = 0.0f;
-    for (size_t i = 0; i < (size_t)passes * dim * QW; i++) qmax = fabsf(job->qt[i]) > qmax ? fabsf(job->qt[i]) : qmax;
-    int64_t longest = 0;
-    for (int64_t d = job->first; d < job->last; d++) {
-        const int64_t n = job->offsets[d + 1] - job->offsets[d];
-        longest = n <= AMX_MAX_ROWS && n > longest ? n : longest;
-    }
-    const size_t cap = (size_t)(longest + 31) / 32 * 32; /* screened rows per pass, whole 32-row steps */
-    uint16_t *qtiles = aligned_alloc(64, (size_t)passes * steps * 2 * TILE_U16 * sizeof(uint16_t));
-    float *qnorms = aligned_alloc(64, (size_t)passes * QW * sizeof(float));
-    uint16_t *blocks[2] = {aligned_alloc(64, 32 * (size_t)dim * sizeof(uint16_t)),
-                           aligned_alloc(64, 32 * (size_t)dim * sizeof(uint16_t))};
-    float *screen = aligned_alloc(64, (cap ? cap : 32) * passes * QW * sizeof(float));
-    int *cand = malloc((cap ? cap : 32) * sizeof(int));
-    if (!job->is_f16 || !(qmax <= AMX_MAX_QUERY) || !qtiles || !qnorms || !blocks[0] || !blocks[1] || !screen || !cand) {
-        score_avx512(job, rows); /* float32 storage, huge query values, or no memory: the FMA path */
-        goto done;
-    }
-    for (int p = 0; p < passes; p++)
-        query_tiles(job->qt + (size_t)p * dim * QW, dim, qtiles + (size_t)p * steps * 2 * TILE_U16, qnorms + p * QW);
     /* The thread's own configuration is put back at the end: llama.cpp configures its tiles once
      * per thread and the calling thread is one of its workers (it would fault, or compute with ours). */
     _Alignas(64) TileConfig theirs, cfg = {.palette = 1};
@@ -279,116 +523,12 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,fma,f16c"))) static 
     /* ldtilecfg and sttilecfg name only a config's first bytes to the compiler: keep it in memory */
     __asm__ volatile("" ::"r"(&cfg), "r"(&theirs) : "memory");
     _tile_loadconfig(&cfg);
-    for (int64_t d = job->first; d < job->last; d++) {
-        const int64_t begin = job->offsets[d];
-        const int n = (int)(job->offsets[d + 1] - begin);
-        if (n > AMX_MAX_ROWS) {
-            score_one_avx512(job, d, rows);
-            continue;
-        }
-        /* Screen 32 rows at a time: the tiles multiply one block while the vector units widen the next. */
-        const uint16_t *src = (const uint16_t *)job->tokens + (size_t)begin * dim;
-        float largest = rows_to_bf16(src, n < 32 ? n : 32, dim, blocks[0]);
-        for (int t0 = 0, c = 0; t0 < n; t0 += 32, c ^= 1) {
-            /* the rows after next, on their way while these compute: the stream is the bound */
-            const int64_t ahead = begin + t0 + 64, stop = job->offsets[job->last];
-            if (ahead < stop) {
-                const char *from = (const char *)job->tokens + (size_t)ahead * dim * sizeof(uint16_t);
-                const size_t bytes = (size_t)(stop - ahead < 32 ? stop - ahead : 32) * dim * sizeof(uint16_t);
-                for (size_t o = 0; o < bytes; o += 64) _mm_prefetch(from + o, _MM_HINT_T0);
-            }
-            const uint16_t *block = blocks[c];
-            compiler_barrier(); /* tileloadd does not tell the compiler it reads the block */
-            for (int p = 0; p < passes; p++) {
-                const uint16_t *qp = qtiles + (size_t)p * steps * 2 * TILE_U16;
-                float *out = screen + ((size_t)p * cap + t0) * QW;
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
-                for (int s = 0; s < steps; s++) {
-                    _tile_loadd(4, block + 32 * s, dim * (int)sizeof(uint16_t));
-                    _tile_loadd(5, block + (size_t)16 * dim + 32 * s, dim * (int)sizeof(uint16_t));
-                    _tile_loadd(6, qp + (size_t)(2 * s) * TILE_U16, 64);
-                    _tile_loadd(7, qp + (size_t)(2 * s + 1) * TILE_U16, 64);
-                    _tile_dpbf16ps(0, 4, 6);
-                    _tile_dpbf16ps(1, 4, 7);
-                    _tile_dpbf16ps(2, 5, 6);
-                    _tile_dpbf16ps(3, 5, 7);
-                }
-                if (p == 0 && t0 + 32 < n) {
-                    const float sq = rows_to_bf16(src + (size_t)(t0 + 32) * dim, n - t0 - 32 < 32 ? n - t0 - 32 : 32,
-                                                  dim, blocks[c ^ 1]);
-                    largest = larger(largest, sq);
-                }
-                _tile_stored(0, out, QW * (int)sizeof(float));
-                _tile_stored(1, out + 16, QW * (int)sizeof(float));
-                _tile_stored(2, out + 16 * QW, QW * (int)sizeof(float));
-                _tile_stored(3, out + 16 * QW + 16, QW * (int)sizeof(float));
-            }
-        }
-        if (!(largest <= FLT_MAX)) { /* NaN or infinity in the document: its scores are the FMA path's */
-            score_one_avx512(job, d, rows);
-            continue;
-        }
-        const float norm = sqrtf(largest);
-        for (int p = 0; p < passes; p++) {
-            const float *qt = job->qt + (size_t)p * dim * QW;
-            const float *screened = screen + (size_t)p * cap * QW;
-            const int lanes = job->n_query - p * QW < QW ? job->n_query - p * QW : QW;
-            __m512 top0 = _mm512_set1_ps(-INFINITY), top1 = top0;
-            for (int t = 0; t < n; t++) {
-                top0 = _mm512_max_ps(top0, _mm512_load_ps(screened + (size_t)t * QW));
-                top1 = _mm512_max_ps(top1, _mm512_load_ps(screened + (size_t)t * QW + 16));
-            }
-            /* Threshold: screened maximum - 2 * bound; +inf for padding lanes, which never pick rows. */
-            const __m512 err = _mm512_set1_ps(2.0f * SCREEN_ERR * norm), abs2 = _mm512_set1_ps(2.0f * SCREEN_ABS);
-            const __mmask16 real0 = lanes >= 16 ? 0xFFFF : (__mmask16)((1u << lanes) - 1);
-            const __mmask16 real1 = lanes <= 16 ? 0 : lanes >= 32 ? 0xFFFF : (__mmask16)((1u << (lanes - 16)) - 1);
-            const __m512 inf = _mm512_set1_ps(INFINITY);
-            const __m512 lo0 = _mm512_mask_sub_ps(inf, real0, top0, _mm512_fmadd_ps(err, _mm512_load_ps(qnorms + p * QW), abs2));
-            const __m512 lo1 = _mm512_mask_sub_ps(inf, real1, top1, _mm512_fmadd_ps(err, _mm512_load_ps(qnorms + p * QW + 16), abs2));
-            /* Each half of the query rows rescores its own candidates, RESCORE_ROWS at a time, exactly as
-             * score_avx512 computes them: lane j of a row is fma(d[k], q_j[k], .) over k from zero. */
-            __m512 best[2] = {_mm512_set1_ps(-INFINITY), _mm512_set1_ps(-INFINITY)};
-            for (int h = 0; h < 2; h++) {
-                const __m512 lo = h ? lo1 : lo0;
-                int nc = 0;
-                for (int t = 0; t < n; t++)
-                    if (_mm512_cmp_ps_mask(_mm512_load_ps(screened + (size_t)t * QW + 16 * h), lo, _CMP_GE_OQ))
-                        cand[nc++] = t;
-                for (int i = 0; i < nc; i += RESCORE_ROWS) {
-                    const int nr = nc - i < RESCORE_ROWS ? nc - i : RESCORE_ROWS;
-                    for (int r = 0; r < nr; r++)
-                        for (int k = 0; k < dim; k += 16)
-                            _mm512_store_ps(rows + r * KC + k,
-                                            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(
-                                                (const uint16_t *)job->tokens + (size_t)(begin + cand[i + r]) * dim + k))));
-                    __m512 acc[RESCORE_ROWS];
-                    for (int r = 0; r < RESCORE_ROWS; r++) acc[r] = _mm512_setzero_ps();
-                    const float *q = qt + 16 * h, *x = rows;
-                    for (int k = 0; k < dim; k++, q += QW, x++) {
-                        const __m512 qk = _mm512_load_ps(q);
-#pragma GCC unroll 8
-                        for (int r = 0; r < RESCORE_ROWS; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * KC]), qk, acc[r]);
-                    }
-                    for (int r = 0; r < nr; r++) best[h] = _mm512_max_ps(best[h], acc[r]);
-                }
-            }
-            Cursor c = {d, INT64_MAX};
-            float maxima[QW];
-            _mm512_storeu_ps(maxima, best[0]);
-            _mm512_storeu_ps(maxima + 16, best[1]);
-            finish_doc(job, &c, maxima, lanes, p == 0);
-        }
-    }
+    score_screened(job, rows, screen_doc_amx);
     __asm__ volatile("" ::"r"(&theirs) : "memory");
     if (theirs.palette)
         _tile_loadconfig(&theirs);
     else
         _tile_release();
-done:
-    free(qtiles), free(qnorms), free(blocks[0]), free(blocks[1]), free(screen), free(cand);
 }
 #endif
 
@@ -444,6 +584,11 @@ static int path_runs(const char *name, int dim) {
 #ifdef LFM2EDGE_AMX
     if (strcmp(name, "amx") == 0) return dim % 32 == 0 && dim <= KC && amx_usable();
 #endif
+#ifdef LFM2EDGE_BF16
+    if (strcmp(name, "avx512bf16") == 0)
+        return dim % 32 == 0 && dim <= KC && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c") &&
+               __builtin_cpu_supports("avx512bf16");
+#endif
 #ifdef LFM2EDGE_X86
     if (strcmp(name, "avx512") == 0)
         return dim % 16 == 0 && dim <= KC && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c");
@@ -457,7 +602,10 @@ static int path_runs(const char *name, int dim) {
 
 /* The fastest path for this size, or NULL where none runs (the caller then uses numpy). */
 static const char *best_path(int dim) {
-    return path_runs("amx", dim) ? "amx" : path_runs("avx512", dim) ? "avx512" : path_runs("avx2", dim) ? "avx2" : NULL;
+    static const char *const fastest_first[] = {"amx", "avx512bf16", "avx512", "avx2"};
+    for (size_t i = 0; i < sizeof fastest_first / sizeof *fastest_first; i++)
+        if (path_runs(fastest_first[i], dim)) return fastest_first[i];
+    return NULL;
 }
 
 typedef void (*ScoreFn)(const Job *, float *);
@@ -465,6 +613,9 @@ typedef void (*ScoreFn)(const Job *, float *);
 static ScoreFn path_fn(const char *name) {
 #ifdef LFM2EDGE_AMX
     if (strcmp(name, "amx") == 0) return score_amx;
+#endif
+#ifdef LFM2EDGE_BF16
+    if (strcmp(name, "avx512bf16") == 0) return score_bf16;
 #endif
 #ifdef LFM2EDGE_X86
     if (strcmp(name, "avx512") == 0) return score_avx512;

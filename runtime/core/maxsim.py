@@ -3,11 +3,12 @@ rows) and the L2 row normalisation that cosine scores and stored vectors rely on
 
 Documents are packed into one token matrix with offsets. Two backends give the same scores
 (float32 products and sums, so exact to the float16 rounding of stored vectors):
-- ``kernel``: the C kernel in ``_maxsim.c`` (AMX, AVX-512 or AVX2, chosen at run time), which widens,
-  multiplies and max-reduces a few rows at a time in registers, split over threads by
-  documents. 5-8x faster than numpy over float16 storage on the bench machine. Its AMX path
-  screens similarities on bf16 tiles and rescores, with the AVX-512 path's arithmetic, every row
-  that can hold a maximum: the AVX-512 path's scores bit for bit, 1.4-2.4x faster on two cores here.
+- ``kernel``: the C kernel in ``_maxsim.c`` (AMX, AVX512-BF16, AVX-512 or AVX2, chosen at run time),
+  which widens, multiplies and max-reduces a few rows at a time in registers, split over threads by
+  documents. 5-8x faster than numpy over float16 storage on the bench machine. Its AMX and
+  AVX512-BF16 paths screen similarities in bf16 (tiles, or VDPBF16PS) and rescore, with the AVX-512
+  path's arithmetic, every row that can hold a maximum: the AVX-512 path's scores bit for bit, and
+  faster (AMX 1.4-2.4x on a 2-core Xeon, AVX512-BF16 1.3x on a 2-core Zen 4).
 - ``numpy``: one GEMM per block of tokens and a segmented max (``np.maximum.reduceat``); used
   where the kernel has no path (Apple Silicon, other dimensions, no compiler at install).
   ``maxsim_blocked`` is that path for several queries at once over any row reader: the index
@@ -174,7 +175,8 @@ def _checked(vectors: object, offsets: object) -> tuple[np.ndarray, np.ndarray]:
 
 
 def kernel_path(dim: int) -> str | None:
-    """The kernel's path for vectors of this size on this CPU ("amx", "avx512", "avx2"), or None (numpy)."""
+    """The kernel's path for vectors of this size on this CPU ("amx", "avx512bf16", "avx512", "avx2"),
+    or None (numpy)."""
     return _maxsim.best_path(dim) if _maxsim is not None else None
 
 
