@@ -39,7 +39,7 @@
 #include <immintrin.h>
 #endif
 
-#if defined(LFM2EDGE_X86) && ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10))
+#if defined(LFM2EDGE_X86) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 10))
 #define LFM2EDGE_BF16 1 /* a compiler with AVX512-BF16 intrinsics: the screened paths */
 #endif
 
