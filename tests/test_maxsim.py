@@ -121,8 +121,8 @@ def test_screened_scores_are_the_avx512_scores_bit_for_bit(path, n_query):
 @pytest.mark.parametrize("path", ["amx", "avx512bf16"])
 def test_screened_bound_holds_where_bf16_rounding_errors_are_largest(path):
     # Row a holds the maximum, but bf16 rounds its values and the query's under it down by 2^-8 each
-    # (ties to even), while row b's round up: the screen puts b ahead of a by 1.4% of |q| |d|. A
-    # bound that took bf16's rounding for 2^-9 (0.0041 per product) would drop a and score b.
+    # (ties to even), while row b's round up: the screen puts b ahead of a by 1.03% of |q| |d|. A
+    # bound that took bf16's rounding for 2^-9 (a window of 2 x 0.0041) would drop a and score b.
     if m._maxsim is None or not PATHS[path][0] <= FLAGS or (path == "amx" and m.kernel_path(128) != "amx"):
         pytest.skip(f"no {path} path here")
     q = np.empty((1, 128), dtype=np.float32)
