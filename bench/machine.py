@@ -69,11 +69,11 @@ def load_average() -> list[float] | None:
 
 
 def maxsim_backend() -> str:
-    """What scores MaxSim here at ColBERT's 128 dims: "kernel amx", "kernel avx512bf16", "kernel avx512",
-    "kernel avx2" or "numpy"."""
-    from lfm2edge.runtime.core.maxsim import kernel_path
+    """What scores MaxSim over the bench's cached documents (float16, unchangeable) at ColBERT's 128 dims:
+    "kernel amx", "kernel vnni", "kernel avx512bf16", "kernel avx512", "kernel avx2" or "numpy"."""
+    from lfm2edge.runtime.core.maxsim import coded_path
 
-    path = kernel_path(128)
+    path = coded_path(128)
     return f"kernel {path}" if path else "numpy"
 
 

@@ -150,6 +150,7 @@ def random_index(n_docs: int, tokens: int, dim: int, seed: int):
         block /= np.linalg.norm(block, axis=1, keepdims=True)
         vectors[lo : lo + len(block)] = block
     offsets = np.arange(n_docs + 1, dtype=np.int64) * tokens
+    vectors.flags.writeable = False  # unchangeable, as an index's are: the kernel may keep its int8 codes
     return PackedDocuments(vectors, offsets)
 
 

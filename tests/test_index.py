@@ -23,7 +23,7 @@ import pytest
 import lfm2edge
 from lfm2edge.convert.synthetic import load_sample_texts
 from lfm2edge.runtime.core.errors import InvalidInputError
-from lfm2edge.runtime.core.maxsim import maxsim
+from lfm2edge.runtime.core.maxsim import kernel_path, maxsim
 from lfm2edge.runtime.storage.index import (
     MAX_SEGMENTS,
     DuplicateIdError,
@@ -184,6 +184,26 @@ def test_search_many_and_concurrent_writes(colbert, tmp_path):
     other.delete(["5"])
     found = {h.id for h in index.search(QUERIES[0], k=100)}  # the first handle adopts those commits
     assert {"other-a", "other-b"} <= found and "5" not in found and len(index) == 36
+
+
+def test_segments_stay_packed_for_the_kernel_between_searches(colbert, tmp_path):
+    # The MaxSim kernel keeps its int8 codes of a segment's rows with the segment's PackedDocuments:
+    # the index must hand it the same one at every search, and let it go with the segment.
+    if kernel_path(colbert.dim) is None:
+        pytest.skip("no MaxSim kernel here")
+    index = Index.create(tmp_path / "idx", colbert)
+    index.add(DOCS[:10])
+    first = index.search(QUERIES[0], k=3)
+    (name, (vectors, packed)), = index._packed.items()
+    assert index.search(QUERIES[0], k=3) == first and index._packed[name][1] is packed
+    index.add(DOCS[10:12])  # a second segment; the first keeps its packed vectors
+    index.search(QUERIES[0], k=3)
+    assert index._packed[name][1] is packed and len(index._packed) == 2
+    index.compact()  # one new segment: the old ones' packed vectors are let go
+    index.search(QUERIES[0], k=3)
+    assert name not in index._packed and len(index._packed) == 1
+    index.close()
+    assert index._packed == {}
 
 
 # ----------------------------------------------------------------------------------------------------------

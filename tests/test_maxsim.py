@@ -24,8 +24,10 @@ def _cpu_flags() -> set[str]:
 FLAGS = _cpu_flags()
 AMX = {"amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "f16c"}
 AVX512_BF16 = {"avx512_bf16", "avx512f", "f16c"}
+VNNI = {"avx512_vnni", "avx512f", "f16c"}
 PATHS = {
     "amx": (AMX, [32, 128]),
+    "vnni": (VNNI, [32, 128]),
     "avx512bf16": (AVX512_BF16, [32, 128]),
     "avx512": ({"avx512f", "f16c"}, [16, 128]),
     "avx2": ({"avx2", "fma", "f16c"}, [8, 24, 128, 200]),
@@ -44,6 +46,14 @@ def test_kernel_is_built_where_it_can_run():
     linux = platform.system() == "Linux"
     expected = next(p for p in ("amx", "avx512bf16", "avx512", "avx2") if PATHS[p][0] <= FLAGS and (p != "amx" or linux))
     assert m.kernel_path(128) == expected
+    coded = "vnni" if expected in ("avx512bf16", "avx512") and VNNI <= FLAGS else expected
+    assert m.coded_path(128) == coded
+
+
+def _kernel(q, packed, path, threads=1):
+    """The kernel's scores on ``path``; the VNNI path gets codes made for it (any vectors, even changeable)."""
+    codes = m._make_codes(np.ascontiguousarray(packed.vectors), threads) if path == "vnni" else None
+    return m._maxsim_kernel(q, packed, path, threads, codes)
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
@@ -56,10 +66,10 @@ def test_kernel_equals_pylate(path, n_query):
     for dim in dims:
         docs = _corpus(rng, dim)
         q = rng.standard_normal((n_query, dim)).astype(np.float32)
-        for dtype in (np.float32, np.float16):
+        for dtype in (np.float32, np.float16) if path != "vnni" else (np.float16,):
             packed = PackedDocuments.pack(docs, dtype)
             stored = [d.astype(dtype).astype(np.float32) for d in docs]
-            got = m._maxsim_kernel(q, packed, path, threads=1)
+            got = _kernel(q, packed, path)
             np.testing.assert_allclose(got, pylate_maxsim(q, stored), rtol=1e-5, atol=1e-4)
 
 
@@ -80,7 +90,7 @@ def _uneven_norms(docs):
     return [(d * np.where(np.arange(len(d)) // 8 % 2 == 1, 10.0, 0.1)[:, None]).astype(np.float32) for d in docs]
 
 
-@pytest.mark.parametrize("path", ["amx", "avx512bf16"])
+@pytest.mark.parametrize("path", ["amx", "vnni", "avx512bf16"])
 @pytest.mark.parametrize("n_query", [1, 17, 32, 33, 70])
 def test_screened_scores_are_the_avx512_scores_bit_for_bit(path, n_query):
     # The screened paths' rescoring must find every row that holds a maximum, and compute it as the
@@ -97,11 +107,11 @@ def test_screened_scores_are_the_avx512_scores_bit_for_bit(path, n_query):
             q[1] = 0.0
         packed = PackedDocuments.pack(docs, np.float16)
         exact = m._maxsim_kernel(q, packed, "avx512", threads=1)
-        np.testing.assert_array_equal(m._maxsim_kernel(q, packed, path, threads=1), exact)
-        np.testing.assert_array_equal(m._maxsim_kernel(q, packed, path, threads=2), exact)
+        np.testing.assert_array_equal(_kernel(q, packed, path, threads=1), exact)
+        np.testing.assert_array_equal(_kernel(q, packed, path, threads=2), exact)
     # What the screens do not take goes to the AVX-512 path whole: float32 storage, a document
     # longer than 2,048 rows or holding an infinity or a NaN (written into a packed view after its checks),
-    # query values too large or too small for bf16.
+    # query values too large or too small for bf16 (the VNNI path screens the tiny ones).
     docs = _corpus(rng, 128, n_docs=20) + [m.normalize_rows(rng.standard_normal((2_100, 128)))]
     q = m.normalize_rows(rng.standard_normal((n_query, 128)).astype(np.float32))
     packed = PackedDocuments.pack(docs, np.float16)
@@ -110,12 +120,12 @@ def test_screened_scores_are_the_avx512_scores_bit_for_bit(path, n_query):
     vectors[packed.offsets[7] + 2, 9] = np.nan
     tampered = PackedDocuments(vectors, packed.offsets)
     exact = m._maxsim_kernel(q, tampered, "avx512", threads=1)
-    np.testing.assert_array_equal(m._maxsim_kernel(q, tampered, path, threads=1), exact)
-    for dtype in (np.float16, np.float32):
+    np.testing.assert_array_equal(_kernel(q, tampered, path), exact)
+    for dtype in (np.float16, np.float32) if path != "vnni" else (np.float16,):
         packed = PackedDocuments.pack(docs, dtype)
         for scale in (1.0, 1e20, 1e-30):
             exact = m._maxsim_kernel(q * scale, packed, "avx512", threads=1)
-            np.testing.assert_array_equal(m._maxsim_kernel(q * scale, packed, path, threads=1), exact)
+            np.testing.assert_array_equal(_kernel(q * scale, packed, path), exact)
 
 
 @pytest.mark.parametrize("path", ["amx", "avx512bf16"])
@@ -138,6 +148,56 @@ def test_screened_bound_holds_where_bf16_rounding_errors_are_largest(path):
     packed = PackedDocuments.pack([np.stack([a, b])], np.float16)
     np.testing.assert_array_equal(m._maxsim_kernel(q, packed, path, threads=1), np.float32(exact[0]))
     np.testing.assert_array_equal(m._maxsim_kernel(q, packed, "avx512", threads=1), np.float32(exact[0]))
+
+
+@pytest.mark.parametrize("rounded", ["query", "rows"])
+def test_int8_bound_holds_where_int8_rounding_errors_are_largest(rounded):
+    # Row a holds the maximum; int8 codes drop what the query (or the rows) hold below half a step, so
+    # the screen puts b ahead of a by 98.8-98.9% of the two rows' bounds. A bound without the query's
+    # rounding term (eq * n), or with half the rows' (qn * e), drops a and scores b (checked).
+    if m._maxsim is None or not VNNI <= FLAGS:
+        pytest.skip("no vnni path here")
+    sign = np.where(np.arange(127) % 2 == 0, 1.0, -1.0)
+    small = 0.49 / 127  # half a step of max / 127 is 0.5 / 127: int8 codes it as 0
+    q = np.empty((1, 128), dtype=np.float32)
+    a = np.empty(128, dtype=np.float32)
+    b = np.empty(128, dtype=np.float32)
+    if rounded == "query":  # q = (1, +-small): codes (127, 0); the rows' +-1 are exact
+        q[0, 0], q[0, 1:] = 1.0, small * sign
+        a[0], a[1:] = -0.5, sign
+        b[0], b[1:] = 0.47, -sign
+    else:  # the rows' +-small code as 0; the query's +-1 are exact
+        q[0, 0], q[0, 1], q[0, 2:] = 1.0, 1.0, sign[1:]
+        a[0], a[1], a[2:] = 1.0, 0.0, small * sign[1:]
+        b[0], b[1], b[2:] = 1.0, 123 / 127, -small * sign[1:]
+    docs = np.stack([a, b]).astype(np.float16)
+    exact = q[0].astype(np.float64) @ docs.astype(np.float64).T
+    assert exact[0] > exact[1] + 1e-3
+    packed = PackedDocuments.pack([docs], np.float16)
+    want = m._maxsim_kernel(q, packed, "avx512", 1)
+    np.testing.assert_allclose(want, exact[0], rtol=0, atol=1e-5)  # row a's score
+    np.testing.assert_array_equal(_kernel(q, packed, "vnni"), want)
+
+
+def test_maxsim_keeps_codes_only_for_vectors_that_cannot_change():
+    # The VNNI path's codes are made once and kept with the PackedDocuments, so they must describe its
+    # vectors for good: pack()'s (read-only, owned), not a caller's array they view.
+    if m._maxsim is None or m.coded_path(128) != "vnni":
+        pytest.skip("no vnni path here")
+    rng = np.random.default_rng(8)
+    packed = PackedDocuments.pack(_corpus(rng, 128, n_docs=40), np.float16)
+    q = m.normalize_rows(rng.standard_normal((32, 128)).astype(np.float32))
+    scores = maxsim(q, packed)
+    kept = packed._codes
+    assert kept is not None and kept.codes.shape == packed.vectors.shape
+    np.testing.assert_array_equal(scores, m._maxsim_kernel(q, packed, "avx512", 1))
+    assert maxsim(q, packed) is not None and packed._codes is kept  # made once
+    mine = np.array(packed.vectors)  # writable: its owner could change it after a search
+    view = PackedDocuments(mine, packed.offsets)
+    maxsim(q, view)
+    assert view._codes is None
+    mine[:] = -mine[:]
+    np.testing.assert_array_equal(maxsim(q, view), m._maxsim_kernel(q, view, "avx512", 1))
 
 
 def test_kernel_keeps_negative_maxima():

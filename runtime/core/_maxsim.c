@@ -63,7 +63,9 @@ typedef struct {
     int is_f16;
     const int64_t *offsets;
     int64_t first, last;
-    float *out; /* [n_docs]; out[d] for d in [first, last) is written */
+    float *out;            /* [n_docs]; out[d] for d in [first, last) is written */
+    const uint8_t *codes;  /* vnni path only: [n_tokens][dim] int8 codes of the rows, offset by 128 */
+    const float *meta;     /* vnni path only: [n_tokens][3] scale, error bound, norm bound (see code_rows) */
 } Job;
 
 #ifdef LFM2EDGE_X86
@@ -260,18 +262,28 @@ static void score_one_avx512(const Job *job, int64_t d, float *rows) {
     score_avx512(&one, rows);
 }
 
-/* What a screen works with: the query's bf16 passes, two 32-row blocks for bf16 document rows, and the
- * screened similarities of the document at hand, [passes][cap rows][QW]. */
+/* What a screen works with: the query's passes in the screen's form, two 32-row blocks for bf16 document
+ * rows, the screened similarities of the document at hand, [passes][cap rows][QW], and the bound's terms.
+ *
+ * The bound on |screened - exact| for row t and query row j is qn[j] * e_t + eq[j] * n_t + SCREEN_ABS:
+ * - bf16 screens: qn = |q_j|, eq = 0, and one e for every row of a document (SCREEN_ERR * its largest norm);
+ * - the int8 screen: qn and eq from the query's int8 rounding, e_t and n_t the row's own (meta). */
 typedef struct {
     int dim, passes;
-    const uint16_t *qtiles; /* [passes][dim / 32][2][TILE_U16] */
+    const uint16_t *qtiles; /* bf16 screens: [passes][dim / 32][2][TILE_U16] */
+    const int8_t *qcodes;   /* int8 screen: [passes][dim / 4][2 halves][16 rows][4] */
+    const int32_t *qcorr;   /* int8 screen: [passes][QW] 128 * the sum of the row's codes (the rows' +128 offset) */
+    const float *qscale;    /* int8 screen: [passes][QW] the row's scale */
+    const float *qn, *eq;   /* [passes][QW] the bound's weights on a row's error and on its norm */
     uint16_t *blocks[2];
     float *screen;
     size_t cap;
+    int per_row;    /* the bound's e and n are each row's (int8), or one e for the document (bf16) */
+    float *doc_max; /* int8 screen: the document's largest e and n, written by the screen */
 } Screen;
 
-/* Screens the n rows of the document starting at row `begin` into s->screen; returns the largest
- * squared row norm (infinite where a row holds NaN or infinity). */
+/* Screens the n rows of the document starting at row `begin` into s->screen; returns the largest squared
+ * row norm (bf16) or row error bound (int8), infinite where a row holds NaN or infinity. */
 typedef float (*ScreenDocFn)(const Screen *s, const Job *job, int64_t begin, int n);
 
 /* VDPBF16PS: 8 rows x 32 query rows of float32 sums in 16 zmm registers; per k pair, one broadcast of a
@@ -324,63 +336,304 @@ __attribute__((target("avx512f,avx512bf16,fma,f16c"))) static float screen_doc_b
     return largest;
 }
 
-/* Document d's scores from its screened similarities: for each query row, the rows within 2 bounds of
- * its screened maximum are rescored as score_avx512 computes them and the maxima summed in its order. */
-__attribute__((target("avx512f,fma,f16c"))) static void rescore_doc(const Job *job, const Screen *s,
-                                                                    const float *qnorms, int64_t d, int n,
-                                                                    float norm, int *cand, float *rows) {
-    const int dim = s->dim;
-    const int64_t begin = job->offsets[d];
+/* The int8 screen (vnni): the rows' int8 codes are made once per set of documents (code_rows), kept by the
+ * caller and passed with every query, so a query pays no conversion; VPDPBUSD multiplies 64 int8 pairs per
+ * instruction where VDPBF16PS multiplies 32 bf16 ones.
+ *
+ * A row d is coded as c = round(d / s) with s = max |d_k| / 127, and its own rounding measured: e = |d - s c|,
+ * n >= max(|d|, |s c|). The query row q likewise (eq, qn). Then
+ *   |q.d - q~.d~| <= |q| e + eq |d~|,
+ * the AVX-512 path's float32 sum is off from q.d by <= 128 * 2^-24 |q| |d| = 7.63e-6 |q| |d|, and the screen's
+ * two float32 products and the bound's own arithmetic by a few 2^-24 more: Q8_SLACK * qn * n covers these.
+ * Stored as e' = e + Q8_SLACK * n, the bound is qn * e' + eq * n + SCREEN_ABS, all rounded up. */
+#define Q8_SLACK 1e-5f
+#define VNNI_ROWS 8 /* rows per VPDPBUSD register block: 8 x 2 halves of int32 sums */
+
+/* The float nearest above v (v >= 0). */
+static float round_up(double v) {
+    const float f = (float)v;
+    return (double)f < v ? nextafterf(f, INFINITY) : f;
+}
+
+/* int8 codes of x[0 .. dim) at stride `stride` with scale max |x| / 127; the codes' sum and (e, n) as above. */
+static void code_vector(const float *x, int stride, int dim, int8_t *codes, float *scale,
+                        int32_t *sum, double *e, double *n) {
+    float m = 0.0f;
+    for (int k = 0; k < dim; k++) m = fabsf(x[(size_t)k * stride]) > m ? fabsf(x[(size_t)k * stride]) : m;
+    const float sc = m / 127.0f;
+    double e2 = 0.0, xx = 0.0, yy = 0.0;
+    int32_t total = 0;
+    for (int k = 0; k < dim; k++) {
+        const float v = x[(size_t)k * stride];
+        long c = sc > 0.0f ? lrintf(v / sc) : 0;
+        c = c > 127 ? 127 : c < -127 ? -127 : c;
+        codes[k] = (int8_t)c;
+        total += (int32_t)c;
+        const double y = (double)sc * (double)c; /* exact: 24 x 8 bits */
+        e2 += ((double)v - y) * ((double)v - y), xx += (double)v * v, yy += y * y;
+    }
+    *scale = sc, *sum = total, *e = sqrt(e2), *n = sqrt(xx > yy ? xx : yy);
+}
+
+/* Rows [first, last) of float16 tokens [*][dim] as the vnni screen's codes: codes[t][k] = c + 128 (VPDPBUSD
+ * takes the document side unsigned), meta[t] = (s, e', n). A row holding NaN or infinity gets e' = inf, so
+ * its document goes to the AVX-512 path. Vectorised (7x the scalar code_vector): e and n come from float32
+ * sums of at most 128 squares, each off by < 2^-24 * 12 relative, so both are rounded up by 1e-5 first. */
+__attribute__((target("avx512f,f16c"))) static void code_rows(const uint16_t *tokens, int dim, int64_t first,
+                                                               int64_t last, uint8_t *codes, float *meta) {
+    const int chunks = dim / 16;
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), offset = _mm512_set1_epi32(128);
+    for (int64_t t = first; t < last; t++) {
+        __m512 x[KC / 16], largest = zero;
+        __mmask16 bad = 0;
+        for (int c = 0; c < chunks; c++) {
+            x[c] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tokens + (size_t)t * dim + 16 * c)));
+            bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(x[c], x[c]), zero, _CMP_NEQ_UQ); /* NaN or infinity */
+            largest = _mm512_max_ps(largest, _mm512_abs_ps(x[c]));
+        }
+        float *m = meta + (size_t)t * 3;
+        uint8_t *out = codes + (size_t)t * dim;
+        if (bad) {
+            memset(out, 128, (size_t)dim);
+            m[0] = 0.0f, m[1] = INFINITY, m[2] = INFINITY;
+            continue;
+        }
+        const float mx = _mm512_reduce_max_ps(largest), sc = mx / 127.0f;
+        const __m512 to_code = _mm512_set1_ps(sc > 0.0f ? 127.0f / mx : 0.0f), scale = _mm512_set1_ps(sc);
+        __m512 e2 = zero, xx = zero;
+        __m512i cc = _mm512_setzero_si512();
+        for (int c = 0; c < chunks; c++) {
+            const __m512i q = _mm512_min_epi32(hi, _mm512_max_epi32(lo, _mm512_cvtps_epi32(_mm512_mul_ps(x[c], to_code))));
+            const __m512 diff = _mm512_fnmadd_ps(scale, _mm512_cvtepi32_ps(q), x[c]); /* x - s c, rounded once */
+            e2 = _mm512_fmadd_ps(diff, diff, e2);
+            xx = _mm512_fmadd_ps(x[c], x[c], xx);
+            cc = _mm512_add_epi32(cc, _mm512_mullo_epi32(q, q)); /* sum of c^2: exact */
+            _mm_storeu_si128((__m128i *)(out + 16 * c), _mm512_cvtepi32_epi8(_mm512_add_epi32(q, offset)));
+        }
+        const double e = sqrt((double)_mm512_reduce_add_ps(e2)) * (1.0 + 1e-5);
+        const double yy = (double)sc * sc * (double)_mm512_reduce_add_epi32(cc); /* |s c|^2, exact in double */
+        const double xs = (double)_mm512_reduce_add_ps(xx) * (1.0 + 2e-5);
+        const double n = sqrt(xs > yy ? xs : yy);
+        m[0] = sc, m[1] = round_up(e + (double)Q8_SLACK * n), m[2] = round_up(n);
+    }
+}
+
+/* One query pass as int8 codes, [dim / 4 quads][2 halves][16 rows][4] (a half's quad is the 64 bytes
+ * VPDPBUSD multiplies), with each row's correction for the rows' +128 offset, scale, qn and eq. */
+static void query_codes(const float *qt, int dim, int8_t *codes, int32_t *corr, float *scale, float *qn, float *eq) {
+    for (int j = 0; j < QW; j++) {
+        int32_t sum;
+        double e, n;
+        /* element k of row j: quad k / 4, half j / 16, row j % 16, byte k % 4 */
+        int8_t *row = codes + (size_t)(j / 16) * 64 + (j % 16) * 4;
+        int8_t c[KC];
+        code_vector(qt + j, QW, dim, c, &scale[j], &sum, &e, &n);
+        for (int k = 0; k < dim; k++) row[(size_t)(k / 4) * 128 + k % 4] = c[k];
+        corr[j] = 128 * sum, qn[j] = round_up(n), eq[j] = round_up(e);
+    }
+}
+
+/* acc + the sums of 4 products u8 x s8 per lane. In asm: GCC (12) copies every accumulator on each
+ * _mm512_dpbusd_epi32, which made the screen 1.6x slower. */
+__attribute__((target("avx512f,avx512vnni"))) static inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+    return acc;
+}
+
+/* VPDPBUSD: 8 rows x 32 query rows of int32 sums in 16 zmm registers; per quad of dims, one broadcast of a
+ * row's 4 codes and one instruction per half. The sums become similarities with the two scales. */
+__attribute__((target("avx512f,avx512vnni"))) static float screen_doc_vnni(const Screen *s, const Job *job,
+                                                                           int64_t begin, int n) {
+    const int dim = s->dim, quads = dim / 4;
+    const uint8_t *codes = job->codes + (size_t)begin * dim;
+    const float *meta = job->meta + (size_t)begin * 3;
+    float emax = 0.0f, nmax = 0.0f;
+    for (int t = 0; t < n; t++) {
+        if (!(meta[3 * t + 1] <= FLT_MAX)) return INFINITY; /* code_rows' mark of NaN or infinity */
+        emax = meta[3 * t + 1] > emax ? meta[3 * t + 1] : emax;
+        nmax = meta[3 * t + 2] > nmax ? meta[3 * t + 2] : nmax;
+    }
+    s->doc_max[0] = emax, s->doc_max[1] = nmax;
+    _Alignas(64) uint8_t tail[VNNI_ROWS * KC];
     for (int p = 0; p < s->passes; p++) {
-        const float *qt = job->qt + (size_t)p * dim * QW;
+        const int8_t *qp = s->qcodes + (size_t)p * QW * dim;
+        const __m512i corr0 = _mm512_load_si512((const void *)(s->qcorr + p * QW));
+        const __m512i corr1 = _mm512_load_si512((const void *)(s->qcorr + p * QW + 16));
+        const __m512 qs0 = _mm512_load_ps(s->qscale + p * QW), qs1 = _mm512_load_ps(s->qscale + p * QW + 16);
+        float *out = s->screen + (size_t)p * s->cap * QW;
+        for (int r0 = 0; r0 < n; r0 += VNNI_ROWS) {
+            const int nr = n - r0 < VNNI_ROWS ? n - r0 : VNNI_ROWS;
+            const uint8_t *x = codes + (size_t)r0 * dim;
+            if (nr < VNNI_ROWS) { /* the document's last rows: the rows after them may be past the array */
+                memcpy(tail, x, (size_t)nr * dim);
+                x = tail;
+            }
+            const int64_t ahead = begin + n + r0, stop = job->offsets[job->last];
+            if (p == 0 && ahead < stop) { /* the next document's float16 rows, on their way for its rescoring */
+                const char *from = (const char *)job->tokens + (size_t)ahead * dim * sizeof(uint16_t);
+                const size_t bytes = (size_t)(stop - ahead < VNNI_ROWS ? stop - ahead : VNNI_ROWS) * dim * sizeof(uint16_t);
+                for (size_t o = 0; o < bytes; o += 64) _mm_prefetch(from + o, _MM_HINT_T1);
+            }
+            __m512i a0[VNNI_ROWS], a1[VNNI_ROWS];
+            for (int r = 0; r < VNNI_ROWS; r++) a0[r] = a1[r] = _mm512_setzero_si512();
+            for (int u = 0; u < quads; u++) {
+                const __m512i q0 = _mm512_load_si512((const void *)(qp + (size_t)u * 128));
+                const __m512i q1 = _mm512_load_si512((const void *)(qp + (size_t)u * 128 + 64));
+#pragma GCC unroll 8
+                for (int r = 0; r < VNNI_ROWS; r++) {
+                    int32_t quad;
+                    memcpy(&quad, x + (size_t)r * dim + 4 * u, sizeof quad);
+                    const __m512i b = _mm512_set1_epi32(quad);
+                    a0[r] = dpbusd(a0[r], b, q0);
+                    a1[r] = dpbusd(a1[r], b, q1);
+                }
+            }
+            for (int r = 0; r < nr; r++) {
+                const __m512 st = _mm512_set1_ps(meta[3 * (r0 + r)]);
+                _mm512_store_ps(out + (size_t)(r0 + r) * QW,
+                                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a0[r], corr0)), _mm512_mul_ps(qs0, st)));
+                _mm512_store_ps(out + (size_t)(r0 + r) * QW + 16,
+                                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a1[r], corr1)), _mm512_mul_ps(qs1, st)));
+            }
+        }
+    }
+    return 0.0f;
+}
+
+/* The running maxima `best` of 8 query rows (q: their lanes of the transposed pass) over nr <= RESCORE_ROWS
+ * document rows, computed exactly as score_avx512 computes them: lane j of a row is fma(d[k], q_j[k], .)
+ * over k from zero. Inlined with nr constant: nr FMA chains. */
+__attribute__((target("avx512f,fma,f16c"), always_inline)) static inline __m256 rescore_rows(
+    const Job *job, int64_t begin, const int *which, const int nr, const float *q, float *rows, __m256 best) {
+    const int dim = job->dim;
+    for (int r = 0; r < nr; r++)
+        for (int k = 0; k < dim; k += 16)
+            _mm512_store_ps(rows + r * KC + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(
+                                                   (const uint16_t *)job->tokens + (size_t)(begin + which[r]) * dim + k))));
+    __m256 acc[RESCORE_ROWS];
+    for (int r = 0; r < nr; r++) acc[r] = _mm256_setzero_ps();
+    const float *x = rows;
+    for (int k = 0; k < dim; k++, q += QW, x++) {
+        const __m256 qk = _mm256_load_ps(q);
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; r++) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(x[r * KC]), qk, acc[r]);
+    }
+    for (int r = 0; r < nr; r++) best = _mm256_max_ps(best, acc[r]);
+    return best;
+}
+
+/* rescore_rows for nr of 8, 4, 2 or 1, out of line: inlined in its caller, its accumulators spilled. */
+__attribute__((target("avx512f,fma,f16c"), noinline)) static __m256 rescore_block(const Job *job, int64_t begin,
+                                                                               const int *which, int nr,
+                                                                               const float *q, float *rows,
+                                                                               __m256 best) {
+    switch (nr) {
+    case 8: return rescore_rows(job, begin, which, 8, q, rows, best);
+    case 4: return rescore_rows(job, begin, which, 4, q, rows, best);
+    case 2: return rescore_rows(job, begin, which, 2, q, rows, best);
+    default: return rescore_rows(job, begin, which, 1, q, rows, best);
+    }
+}
+
+/* A document's rows to rescore: per pass, a list of rows per quarter of the query rows. */
+typedef struct {
+    int64_t d;
+    int *rows;   /* [passes][4][cap] */
+    int *counts; /* [passes][4] */
+} Candidates;
+
+/* Document d's candidates from its screened similarities y. For query row j, a row t can hold the exact
+ * maximum only if y_t + b_t reaches M_j = max over rows of (y - b), which the exact maximum is at least (b_t:
+ * the bound on row t, see Screen). rescore_candidates then scores those rows as score_avx512 does.
+ *
+ * Found in two steps. With B the bound of the document's largest e and n (e_doc, n_doc; for the bf16
+ * screens every row's), no row below top_j - 2 B can reach M_j >= top_j - B, so the rows at or above
+ * top_j - COARSE * B (COARSE >= 2) are the only ones to look at. With one bound per document that is the
+ * answer (COARSE = 2: y_t >= top_j - 2 B is y_t + B >= M_j); with a bound per row (int8), M_j and the test
+ * are then taken over those few rows. */
+__attribute__((target("avx512f,fma,f16c"))) static void find_candidates(const Job *job, const Screen *s, int64_t d,
+                                                                        int n, float e_doc, float n_doc, int *kept,
+                                                                        uint32_t *hits, Candidates *found) {
+    const int64_t begin = job->offsets[d];
+    const float *meta = s->per_row ? job->meta + (size_t)begin * 3 : NULL;
+    found->d = d;
+    for (int p = 0; p < s->passes; p++) {
         const float *screened = s->screen + (size_t)p * s->cap * QW;
         const int lanes = job->n_query - p * QW < QW ? job->n_query - p * QW : QW;
+        const __mmask16 real0 = lanes >= 16 ? 0xFFFF : (__mmask16)((1u << lanes) - 1);
+        const __mmask16 real1 = lanes <= 16 ? 0 : lanes >= 32 ? 0xFFFF : (__mmask16)((1u << (lanes - 16)) - 1);
+        const __m512 qn0 = _mm512_load_ps(s->qn + p * QW), qn1 = _mm512_load_ps(s->qn + p * QW + 16);
+        const __m512 eq0 = _mm512_load_ps(s->eq + p * QW), eq1 = _mm512_load_ps(s->eq + p * QW + 16);
+        const __m512 abs = _mm512_set1_ps(SCREEN_ABS), inf = _mm512_set1_ps(INFINITY);
         __m512 top0 = _mm512_set1_ps(-INFINITY), top1 = top0;
         for (int t = 0; t < n; t++) {
             top0 = _mm512_max_ps(top0, _mm512_load_ps(screened + (size_t)t * QW));
             top1 = _mm512_max_ps(top1, _mm512_load_ps(screened + (size_t)t * QW + 16));
         }
-        /* Threshold: screened maximum - 2 * bound; +inf for padding lanes, which never pick rows. */
-        const __m512 err = _mm512_set1_ps(2.0f * SCREEN_ERR * norm), abs2 = _mm512_set1_ps(2.0f * SCREEN_ABS);
-        const __mmask16 real0 = lanes >= 16 ? 0xFFFF : (__mmask16)((1u << lanes) - 1);
-        const __mmask16 real1 = lanes <= 16 ? 0 : lanes >= 32 ? 0xFFFF : (__mmask16)((1u << (lanes - 16)) - 1);
-        const __m512 inf = _mm512_set1_ps(INFINITY);
-        const __m512 lo0 = _mm512_mask_sub_ps(inf, real0, top0, _mm512_fmadd_ps(err, _mm512_load_ps(qnorms + p * QW), abs2));
-        const __m512 lo1 = _mm512_mask_sub_ps(inf, real1, top1, _mm512_fmadd_ps(err, _mm512_load_ps(qnorms + p * QW + 16), abs2));
-        /* Candidates per quarter of the query rows (8 lanes): a row is one where any of its lanes reaches
-         * the threshold. Quarters, not halves: fewer rows per list, and 8-lane FMAs issue two per cycle. */
-        int nc[4] = {0, 0, 0, 0};
+        /* top - COARSE * B; +inf for padding lanes, which never pick rows */
+        const __m512 coarse = _mm512_set1_ps(s->per_row ? 2.5f : 2.0f), ed = _mm512_set1_ps(e_doc),
+                     nd = _mm512_set1_ps(n_doc);
+        const __m512 lo0 = _mm512_mask_sub_ps(inf, real0, top0,
+                                              _mm512_mul_ps(coarse, _mm512_fmadd_ps(qn0, ed, _mm512_fmadd_ps(eq0, nd, abs))));
+        const __m512 lo1 = _mm512_mask_sub_ps(inf, real1, top1,
+                                              _mm512_mul_ps(coarse, _mm512_fmadd_ps(qn1, ed, _mm512_fmadd_ps(eq1, nd, abs))));
+        int nk = 0;
         for (int t = 0; t < n; t++) {
             const uint32_t hit = _mm512_cmp_ps_mask(_mm512_load_ps(screened + (size_t)t * QW), lo0, _CMP_GE_OQ) |
                                  (uint32_t)_mm512_cmp_ps_mask(_mm512_load_ps(screened + (size_t)t * QW + 16), lo1,
                                                               _CMP_GE_OQ) << 16;
-            for (int h = 0; h < 4; h++) {
-                cand[h * s->cap + nc[h]] = t;
-                nc[h] += (hit >> 8 * h & 0xFF) != 0;
+            kept[nk] = t, hits[nk] = hit;
+            nk += hit != 0;
+        }
+        if (s->per_row) { /* M_j and y_t + b_t >= M_j over the kept rows, each with its own bound */
+            __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
+            for (int i = 0; i < nk; i++) {
+                const float *mt = meta + 3 * kept[i], *y = screened + (size_t)kept[i] * QW;
+                const __m512 e = _mm512_set1_ps(mt[1]), nr = _mm512_set1_ps(mt[2]);
+                m0 = _mm512_max_ps(m0, _mm512_sub_ps(_mm512_load_ps(y), _mm512_fmadd_ps(qn0, e, _mm512_fmadd_ps(eq0, nr, abs))));
+                m1 = _mm512_max_ps(m1, _mm512_sub_ps(_mm512_load_ps(y + 16), _mm512_fmadd_ps(qn1, e, _mm512_fmadd_ps(eq1, nr, abs))));
+            }
+            for (int i = 0; i < nk; i++) { /* the same bounds, computed again: cheaper than keeping them */
+                const float *mt = meta + 3 * kept[i], *y = screened + (size_t)kept[i] * QW;
+                const __m512 e = _mm512_set1_ps(mt[1]), nr = _mm512_set1_ps(mt[2]);
+                const __m512 up0 = _mm512_add_ps(_mm512_load_ps(y), _mm512_fmadd_ps(qn0, e, _mm512_fmadd_ps(eq0, nr, abs)));
+                const __m512 up1 = _mm512_add_ps(_mm512_load_ps(y + 16), _mm512_fmadd_ps(qn1, e, _mm512_fmadd_ps(eq1, nr, abs)));
+                hits[i] = _mm512_mask_cmp_ps_mask(real0, up0, m0, _CMP_GE_OQ) |
+                          (uint32_t)_mm512_mask_cmp_ps_mask(real1, up1, m1, _CMP_GE_OQ) << 16;
             }
         }
-        /* Each quarter rescores its candidates, RESCORE_ROWS at a time, exactly as score_avx512 computes
-         * them: lane j of a row is fma(d[k], q_j[k], .) over k from zero. */
+        /* Candidates per quarter of the query rows (8 lanes): a row is one where any of its lanes is in.
+         * Quarters, not halves: fewer rows per list, and 8-lane FMAs issue two per cycle. */
+        int *nc = found->counts + 4 * p, *cand = found->rows + (size_t)4 * p * s->cap;
+        nc[0] = nc[1] = nc[2] = nc[3] = 0;
+        for (int i = 0; i < nk; i++)
+            for (int h = 0; h < 4; h++) {
+                cand[h * s->cap + nc[h]] = kept[i];
+                nc[h] += (hits[i] >> 8 * h & 0xFF) != 0;
+            }
+    }
+}
+
+/* The candidates' document scored: each pass's rows rescored, the maxima summed in score_avx512's order. */
+__attribute__((target("avx512f,fma,f16c"))) static void rescore_candidates(const Job *job, const Screen *s,
+                                                                           const Candidates *found, float *rows) {
+    const int64_t d = found->d, begin = job->offsets[d];
+    for (int p = 0; p < s->passes; p++) {
+        const float *qt = job->qt + (size_t)p * s->dim * QW;
+        const int lanes = job->n_query - p * QW < QW ? job->n_query - p * QW : QW;
+        const int *nc = found->counts + 4 * p, *cand = found->rows + (size_t)4 * p * s->cap;
+        /* Each quarter rescores its candidates, RESCORE_ROWS at a time, then 4, 2, 1 for the rest: a list
+         * holds ~17 rows, and a full block for its last one computed 7 rows for nothing. */
         __m256 best[4];
         for (int h = 0; h < 4; h++) {
             best[h] = _mm256_set1_ps(-INFINITY);
             const int *rows_h = cand + h * s->cap;
-            for (int i = 0; i < nc[h]; i += RESCORE_ROWS) {
-                const int nr = nc[h] - i < RESCORE_ROWS ? nc[h] - i : RESCORE_ROWS;
-                for (int r = 0; r < nr; r++)
-                    for (int k = 0; k < dim; k += 16)
-                        _mm512_store_ps(rows + r * KC + k,
-                                        _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(
-                                            (const uint16_t *)job->tokens + (size_t)(begin + rows_h[i + r]) * dim + k))));
-                __m256 acc[RESCORE_ROWS];
-                for (int r = 0; r < RESCORE_ROWS; r++) acc[r] = _mm256_setzero_ps();
-                const float *q = qt + 8 * h, *x = rows;
-                for (int k = 0; k < dim; k++, q += QW, x++) {
-                    const __m256 qk = _mm256_load_ps(q);
-#pragma GCC unroll 8
-                    for (int r = 0; r < RESCORE_ROWS; r++) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(x[r * KC]), qk, acc[r]);
-                }
-                for (int r = 0; r < nr; r++) best[h] = _mm256_max_ps(best[h], acc[r]);
+            const float *q = qt + 8 * h;
+            int i = 0;
+            for (int nr = RESCORE_ROWS; i < nc[h]; i += nr) {
+                while (nc[h] - i < nr) nr /= 2;
+                best[h] = rescore_block(job, begin, rows_h + i, nr, q, rows, best[h]);
             }
         }
         Cursor c = {d, INT64_MAX};
@@ -392,9 +645,10 @@ __attribute__((target("avx512f,fma,f16c"))) static void rescore_doc(const Job *j
 
 /* A screened path: every document screened by screen_doc and rescored, or scored on the AVX-512 path
  * whole where the screen's bound does not hold (float32 storage, huge query values, a document longer
- * than SCREEN_MAX_ROWS or holding NaN or infinity) or memory runs out. */
+ * than SCREEN_MAX_ROWS or holding NaN or infinity) or memory runs out. `int8`: the vnni screen, whose
+ * query is int8 codes and whose rows' codes come with the job; else a bf16 screen. */
 __attribute__((target("avx512f,fma,f16c"))) static void score_screened(const Job *job, float *rows,
-                                                                       ScreenDocFn screen_doc) {
+                                                                       ScreenDocFn screen_doc, int int8) {
     const int dim = job->dim, passes = (job->n_query + QW - 1) / QW, steps = dim / 32;
     float qmax = 0.0f;
     for (size_t i = 0; i < (size_t)passes * dim * QW; i++) qmax = fabsf(job->qt[i]) > qmax ? fabsf(job->qt[i]) : qmax;
@@ -404,19 +658,37 @@ __attribute__((target("avx512f,fma,f16c"))) static void score_screened(const Job
         longest = n <= SCREEN_MAX_ROWS && n > longest ? n : longest;
     }
     const size_t cap = (size_t)(longest + 31) / 32 * 32; /* screened rows per pass, whole 32-row steps */
-    uint16_t *qtiles = aligned_alloc(64, (size_t)passes * steps * 2 * TILE_U16 * sizeof(uint16_t));
-    float *qnorms = aligned_alloc(64, (size_t)passes * QW * sizeof(float));
-    Screen s = {dim, passes, qtiles,
+    const size_t lanes = (size_t)passes * QW;
+    float doc_max[2] = {0.0f, 0.0f};
+    uint16_t *qtiles = int8 ? NULL : aligned_alloc(64, (size_t)passes * steps * 2 * TILE_U16 * sizeof(uint16_t));
+    int8_t *qcodes = int8 ? aligned_alloc(64, lanes * dim) : NULL;
+    int32_t *qcorr = aligned_alloc(64, lanes * sizeof(int32_t));
+    float *qscale = aligned_alloc(64, lanes * sizeof(float)), *qn = aligned_alloc(64, lanes * sizeof(float));
+    float *eq = aligned_alloc(64, lanes * sizeof(float));
+    Screen s = {dim, passes, qtiles, qcodes, qcorr, qscale, qn, eq,
                 {aligned_alloc(64, 32 * (size_t)dim * sizeof(uint16_t)), aligned_alloc(64, 32 * (size_t)dim * sizeof(uint16_t))},
-                aligned_alloc(64, (cap ? cap : 32) * passes * QW * sizeof(float)), cap};
-    int *cand = malloc(4 * (cap ? cap : 32) * sizeof(int)); /* a list per quarter of the query rows */
-    if (!job->is_f16 || !(qmax <= SCREEN_MAX_QUERY) || !qtiles || !qnorms || !s.blocks[0] || !s.blocks[1] ||
-        !s.screen || !cand) {
+                aligned_alloc(64, (cap ? cap : 32) * passes * QW * sizeof(float)), cap, int8, doc_max};
+    /* A document's candidates, and the rows near a maximum they come from with their lanes */
+    const size_t lists = (size_t)passes * 4 * (cap ? cap : 32);
+    int *cand = malloc((lists + passes * 4 + 2 * (cap ? cap : 32)) * sizeof(int));
+    Candidates found = {0, cand, cand + lists};
+    int *kept = cand + lists + passes * 4;
+    uint32_t *hits = (uint32_t *)(kept + (cap ? cap : 32));
+    if (!job->is_f16 || !(qmax <= SCREEN_MAX_QUERY) || (int8 ? !qcodes : !qtiles) || !qcorr || !qscale || !qn ||
+        !eq || !s.blocks[0] || !s.blocks[1] || !s.screen || !cand) {
         score_avx512(job, rows); /* float32 storage, huge query values, or no memory: the FMA path */
         goto done;
     }
-    for (int p = 0; p < passes; p++)
-        query_tiles(job->qt + (size_t)p * dim * QW, dim, qtiles + (size_t)p * steps * 2 * TILE_U16, qnorms + p * QW);
+    for (int p = 0; p < passes; p++) {
+        const float *qp = job->qt + (size_t)p * dim * QW;
+        if (int8) {
+            query_codes(qp, dim, qcodes + (size_t)p * QW * dim, qcorr + p * QW, qscale + p * QW, qn + p * QW,
+                        eq + p * QW);
+        } else {
+            query_tiles(qp, dim, qtiles + (size_t)p * steps * 2 * TILE_U16, qn + p * QW);
+            memset(eq + p * QW, 0, QW * sizeof(float));
+        }
+    }
     for (int64_t d = job->first; d < job->last; d++) {
         const int64_t begin = job->offsets[d];
         const int n = (int)(job->offsets[d + 1] - begin);
@@ -429,13 +701,19 @@ __attribute__((target("avx512f,fma,f16c"))) static void score_screened(const Job
             score_one_avx512(job, d, rows);
             continue;
         }
-        rescore_doc(job, &s, qnorms, d, n, sqrtf(largest), cand, rows);
+        if (int8)
+            find_candidates(job, &s, d, n, s.doc_max[0], s.doc_max[1], kept, hits, &found);
+        else
+            find_candidates(job, &s, d, n, SCREEN_ERR * sqrtf(largest), 0.0f, kept, hits, &found);
+        rescore_candidates(job, &s, &found, rows);
     }
 done:
-    free(qtiles), free(qnorms), free(s.blocks[0]), free(s.blocks[1]), free(s.screen), free(cand);
+    free(qtiles), free(qcodes), free(qcorr), free(qscale), free(qn), free(eq);
+    free(s.blocks[0]), free(s.blocks[1]), free(s.screen), free(cand);
 }
 
-static void score_bf16(const Job *job, float *rows) { score_screened(job, rows, screen_doc_bf16); }
+static void score_bf16(const Job *job, float *rows) { score_screened(job, rows, screen_doc_bf16, 0); }
+static void score_vnni(const Job *job, float *rows) { score_screened(job, rows, screen_doc_vnni, 1); }
 #endif
 
 #ifdef LFM2EDGE_AMX
@@ -523,7 +801,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,fma,f16c"))) static 
     /* ldtilecfg and sttilecfg name only a config's first bytes to the compiler: keep it in memory */
     __asm__ volatile("" ::"r"(&cfg), "r"(&theirs) : "memory");
     _tile_loadconfig(&cfg);
-    score_screened(job, rows, screen_doc_amx);
+    score_screened(job, rows, screen_doc_amx, 0);
     __asm__ volatile("" ::"r"(&theirs) : "memory");
     if (theirs.palette)
         _tile_loadconfig(&theirs);
@@ -588,6 +866,9 @@ static int path_runs(const char *name, int dim) {
     if (strcmp(name, "avx512bf16") == 0)
         return dim % 32 == 0 && dim <= KC && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c") &&
                __builtin_cpu_supports("avx512bf16");
+    if (strcmp(name, "vnni") == 0)
+        return dim % 32 == 0 && dim <= KC && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c") &&
+               __builtin_cpu_supports("avx512vnni");
 #endif
 #ifdef LFM2EDGE_X86
     if (strcmp(name, "avx512") == 0)
@@ -616,6 +897,7 @@ static ScoreFn path_fn(const char *name) {
 #endif
 #ifdef LFM2EDGE_BF16
     if (strcmp(name, "avx512bf16") == 0) return score_bf16;
+    if (strcmp(name, "vnni") == 0) return score_vnni;
 #endif
 #ifdef LFM2EDGE_X86
     if (strcmp(name, "avx512") == 0) return score_avx512;
@@ -633,15 +915,16 @@ static int check_size(Py_buffer *b, Py_ssize_t need, const char *what) {
     return 1;
 }
 
-/* score(qt, n_query, tokens, is_f16, dim, offsets, first, last, out, path) */
+/* score(qt, n_query, tokens, is_f16, dim, offsets, first, last, out, path[, codes, meta]); codes and meta
+ * (from code_rows over all the tokens) are the vnni path's and only its */
 static PyObject *py_score(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer qt, tokens, offsets, out;
+    Py_buffer qt, tokens, offsets, out, codes = {0}, meta = {0};
     int n_query, is_f16, dim;
     Py_ssize_t first, last;
     const char *path;
-    if (!PyArg_ParseTuple(args, "y*iy*iiy*nnw*s", &qt, &n_query, &tokens, &is_f16, &dim, &offsets, &first, &last,
-                          &out, &path))
+    if (!PyArg_ParseTuple(args, "y*iy*iiy*nnw*s|y*y*", &qt, &n_query, &tokens, &is_f16, &dim, &offsets, &first,
+                          &last, &out, &path, &codes, &meta))
         return NULL;
     PyObject *result = NULL;
     const Py_ssize_t n_docs = offsets.len / (Py_ssize_t)sizeof(int64_t) - 1;
@@ -655,6 +938,15 @@ static PyObject *py_score(PyObject *self, PyObject *args) {
         goto done;
     const int64_t *off = (const int64_t *)offsets.buf;
     if (n_docs > 0 && !check_size(&tokens, (Py_ssize_t)off[n_docs] * dim * (is_f16 ? 2 : 4), "tokens")) goto done;
+    const int coded = strcmp(path, "vnni") == 0;
+    if (coded != (codes.buf != NULL) || coded != (meta.buf != NULL) || (coded && !is_f16)) {
+        PyErr_SetString(PyExc_ValueError, "maxsim kernel: the vnni path, and only it, takes float16 tokens' codes and meta");
+        goto done;
+    }
+    if (coded && n_docs > 0 &&
+        (!check_size(&codes, (Py_ssize_t)off[n_docs] * dim, "codes") ||
+         !check_size(&meta, (Py_ssize_t)off[n_docs] * 3 * (Py_ssize_t)sizeof(float), "meta")))
+        goto done;
     if (((uintptr_t)qt.buf & 63) != 0) {
         PyErr_SetString(PyExc_ValueError, "maxsim kernel: qt must be 64-byte aligned");
         goto done;
@@ -671,7 +963,7 @@ static PyObject *py_score(PyObject *self, PyObject *args) {
         goto done;
     }
     memset(rows, 0, rows_bytes);
-    Job job = {qt.buf, n_query, dim, tokens.buf, is_f16, off, first, last, out.buf};
+    Job job = {qt.buf, n_query, dim, tokens.buf, is_f16, off, first, last, out.buf, codes.buf, meta.buf};
     ScoreFn fn = path_fn(path);
     Py_BEGIN_ALLOW_THREADS
     fn(&job, rows);
@@ -684,6 +976,39 @@ done:
     PyBuffer_Release(&tokens);
     PyBuffer_Release(&offsets);
     PyBuffer_Release(&out);
+    if (codes.obj) PyBuffer_Release(&codes);
+    if (meta.obj) PyBuffer_Release(&meta);
+    return result;
+}
+
+/* code_rows(tokens, dim, first, last, codes, meta): rows [first, last) of float16 tokens as the vnni path's
+ * codes [n_tokens][dim] uint8 and meta [n_tokens][3] float32 */
+static PyObject *py_code_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer tokens, codes, meta;
+    int dim;
+    Py_ssize_t first, last;
+    if (!PyArg_ParseTuple(args, "y*innw*w*", &tokens, &dim, &first, &last, &codes, &meta)) return NULL;
+    PyObject *result = NULL;
+    if (!path_runs("vnni", dim) || first < 0 || first > last) {
+        PyErr_Format(PyExc_ValueError, "maxsim kernel: no vnni codes here for dimension %d, rows %zd..%zd", dim,
+                     first, last);
+        goto done;
+    }
+    if (!check_size(&tokens, last * dim * 2, "tokens") || !check_size(&codes, last * dim, "codes") ||
+        !check_size(&meta, last * 3 * (Py_ssize_t)sizeof(float), "meta"))
+        goto done;
+#ifdef LFM2EDGE_BF16
+    Py_BEGIN_ALLOW_THREADS
+    code_rows(tokens.buf, dim, first, last, codes.buf, meta.buf);
+    Py_END_ALLOW_THREADS
+#endif
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&tokens);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&meta);
     return result;
 }
 
@@ -697,8 +1022,19 @@ static PyObject *py_best_path(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(name);
 }
 
+/* path_runs(name, dim) -> whether this CPU runs that path for vectors of this size */
+static PyObject *py_path_runs(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *name;
+    int dim;
+    if (!PyArg_ParseTuple(args, "si", &name, &dim)) return NULL;
+    return PyBool_FromLong(path_runs(name, dim));
+}
+
 static PyMethodDef methods[] = {
     {"score", py_score, METH_VARARGS, "Score documents [first, last) into out (see _maxsim.c)."},
+    {"code_rows", py_code_rows, METH_VARARGS, "Rows of float16 tokens as the vnni path's codes and meta."},
+    {"path_runs", py_path_runs, METH_VARARGS, "Whether this CPU runs a kernel path for a vector dimension."},
     {"best_path", py_best_path, METH_VARARGS, "The fastest kernel path for a vector dimension on this CPU."},
     {NULL, NULL, 0, NULL},
 };

@@ -3,12 +3,15 @@ rows) and the L2 row normalisation that cosine scores and stored vectors rely on
 
 Documents are packed into one token matrix with offsets. Two backends give the same scores
 (float32 products and sums, so exact to the float16 rounding of stored vectors):
-- ``kernel``: the C kernel in ``_maxsim.c`` (AMX, AVX512-BF16, AVX-512 or AVX2, chosen at run time),
-  which widens, multiplies and max-reduces a few rows at a time in registers, split over threads by
-  documents. 5-8x faster than numpy over float16 storage on the bench machine. Its AMX and
-  AVX512-BF16 paths screen similarities in bf16 (tiles, or VDPBF16PS) and rescore, with the AVX-512
+- ``kernel``: the C kernel in ``_maxsim.c`` (AMX, AVX512-VNNI, AVX512-BF16, AVX-512 or AVX2, chosen at
+  run time), which widens, multiplies and max-reduces a few rows at a time in registers, split over
+  threads by documents. 5-8x faster than numpy over float16 storage on the bench machine. Its screened
+  paths (AMX, VNNI, AVX512-BF16) screen similarities in bf16 or int8 and rescore, with the AVX-512
   path's arithmetic, every row that can hold a maximum: the AVX-512 path's scores bit for bit, and
-  faster (AMX 1.4-2.4x on a 2-core Xeon, AVX512-BF16 1.3x on a 2-core Zen 4).
+  faster (AMX 1.4-2.4x on a 2-core Xeon; on a 2-core Zen 4 AVX512-BF16 1.3x, VNNI 1.9x).
+  The VNNI path screens int8 codes of the rows, made once per ``PackedDocuments`` whose float16
+  vectors cannot change (``pack()``'s, an index's mapped segments) and kept with it: 140 bytes per
+  128-dim row, 55% of the float16 vectors' memory, for about 1.5x over AVX512-BF16.
 - ``numpy``: one GEMM per block of tokens and a segmented max (``np.maximum.reduceat``); used
   where the kernel has no path (Apple Silicon, other dimensions, no compiler at install).
   ``maxsim_blocked`` is that path for several queries at once over any row reader: the index
@@ -22,7 +25,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Literal
 
@@ -66,6 +69,8 @@ class PackedDocuments:
 
     vectors: np.ndarray
     offsets: np.ndarray  # int64, length n_docs + 1, starts at 0
+    # The VNNI path's int8 codes of the vectors, made by the first maxsim() that can use them.
+    _codes: _Codes | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def pack(cls, documents: Sequence[np.ndarray], dtype: np.dtype | type = np.float16) -> PackedDocuments:
@@ -115,6 +120,34 @@ class PackedDocuments:
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
+
+
+@dataclass(frozen=True)
+class _Codes:
+    """The VNNI path's codes of float16 vectors (``code_rows`` in _maxsim.c): ``codes`` [rows, dim] uint8,
+    ``meta`` [rows, 3] float32; ``source`` is the vectors' (address, shape) they were made from."""
+
+    codes: np.ndarray
+    meta: np.ndarray
+    source: tuple[int, tuple[int, ...]]
+
+
+def _unchangeable(a: np.ndarray) -> bool:
+    """Whether nothing can write ``a``'s bytes through numpy: it and every array it views are read-only,
+    and the last of them owns its bytes or views a read-only buffer (a read-only memory map)."""
+    while True:
+        if a.flags.writeable:
+            return False
+        if not isinstance(a.base, np.ndarray):
+            break
+        a = a.base
+    if a.base is None:
+        return True
+    try:
+        with memoryview(a.base) as view:  # released at once: a mapped file with a live view cannot close
+            return view.readonly
+    except TypeError:
+        return False
 
 
 def _real_matrix(x: object, what: str, dtype: np.dtype | type = np.float32) -> np.ndarray:
@@ -180,6 +213,46 @@ def kernel_path(dim: int) -> str | None:
     return _maxsim.best_path(dim) if _maxsim is not None else None
 
 
+# Paths the VNNI path replaces where documents keep codes. Not AMX: its bf16 tiles were not measured against it.
+_CODES_BEAT = ("avx512bf16", "avx512")
+
+
+def coded_path(dim: int) -> str | None:
+    """The kernel's path for float16 documents that keep int8 codes (a ``PackedDocuments`` whose vectors
+    cannot change): "vnni" where the CPU has AVX512-VNNI and it would replace ``kernel_path(dim)``."""
+    path = kernel_path(dim)
+    return "vnni" if path in _CODES_BEAT and _maxsim.path_runs("vnni", dim) else path
+
+
+def _codes(owner: PackedDocuments, vectors: np.ndarray, threads: int) -> _Codes | None:
+    """``owner``'s codes of ``vectors`` (made now, and kept, if it has none for them), or None where
+    they cannot stay right: vectors that can change, or float32 ones."""
+    if vectors.dtype != np.float16 or not _unchangeable(vectors) or not vectors.flags.c_contiguous:
+        return None
+    kept = owner._codes
+    if kept is not None and kept.source == (vectors.__array_interface__["data"][0], vectors.shape):
+        return kept
+    made = _make_codes(vectors, threads)
+    object.__setattr__(owner, "_codes", made)  # a cache: the frozen fields are unchanged
+    return made
+
+
+def _make_codes(vectors: np.ndarray, threads: int) -> _Codes:
+    """The VNNI path's codes of C-contiguous float16 ``vectors``, made on ``threads`` threads."""
+    rows, dim = vectors.shape
+    codes = np.empty((rows, dim), dtype=np.uint8)
+    meta = np.empty((rows, 3), dtype=np.float32)
+    cuts = [round(rows * i / threads) for i in range(threads + 1)]
+    parts = [(vectors, dim, a, b, codes, meta) for a, b in pairwise(cuts) if b > a]
+    futures = [_thread_pool().submit(_maxsim.code_rows, *part) for part in parts[1:]]
+    if parts:
+        _maxsim.code_rows(*parts[0])
+    for f in futures:
+        f.result()
+    codes.flags.writeable = meta.flags.writeable = False
+    return _Codes(codes, meta, (vectors.__array_interface__["data"][0], vectors.shape))
+
+
 def maxsim(
     query: np.ndarray,
     documents: PackedDocuments | Sequence[np.ndarray],
@@ -198,9 +271,9 @@ def maxsim(
         raise InvalidInputError(f"threads must be a positive integer or None, not {threads!r}")
     if isinstance(documents, PackedDocuments):
         # Checked again here, at the kernel boundary: a PackedDocuments' attributes can be replaced.
-        docs = PackedDocuments(documents.vectors, documents.offsets)
+        docs, owner = PackedDocuments(documents.vectors, documents.offsets), documents
     else:
-        docs = PackedDocuments.pack(documents, np.float32)
+        docs, owner = PackedDocuments.pack(documents, np.float32), None
     query = _real_matrix(query, "the query")
     if query.shape[0] == 0:
         raise InvalidInputError(
@@ -220,7 +293,12 @@ def maxsim(
         )
     if backend == "numpy" or path is None:
         return _maxsim_numpy(np.ascontiguousarray(query, dtype=np.float32), docs)
-    return _maxsim_kernel(query, docs, path, threads)
+    n_threads = _threads_for(docs, threads)
+    if owner is not None and coded_path(docs.dim) == "vnni":
+        codes = _codes(owner, docs.vectors, n_threads)
+        if codes is not None:
+            return _maxsim_kernel(query, docs, "vnni", n_threads, codes)
+    return _maxsim_kernel(query, docs, path, n_threads)
 
 
 def _query_panels(query: np.ndarray) -> np.ndarray:
@@ -252,20 +330,27 @@ def _thread_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def _maxsim_kernel(query: np.ndarray, docs: PackedDocuments, path: str, threads: int | None) -> np.ndarray:
+def _threads_for(docs: PackedDocuments, threads: int | None) -> int:
+    return max(1, min(threads or _policy.threads(), len(docs), int(docs.offsets[-1]) // THREAD_MIN_TOKENS or 1))
+
+
+def _maxsim_kernel(
+    query: np.ndarray, docs: PackedDocuments, path: str, threads: int, codes: _Codes | None = None
+) -> np.ndarray:
+    """The kernel's scores on ``path`` over ``threads`` threads; ``codes`` are the "vnni" path's (and only its)."""
     panels = _query_panels(np.asarray(query, dtype=np.float32))
     vectors = np.ascontiguousarray(docs.vectors)
     offsets = np.ascontiguousarray(docs.offsets, dtype=np.int64)
     is_f16 = int(vectors.dtype == np.float16)
     out = np.empty(len(docs), dtype=np.float32)
-    n_threads = max(
-        1, min(threads or _policy.threads(), len(docs), int(offsets[-1]) // THREAD_MIN_TOKENS or 1)
-    )
+    n_threads = max(1, min(threads, len(docs)))
     # Contiguous runs of documents with about the same number of tokens each.
     cuts = np.searchsorted(offsets, np.linspace(0, offsets[-1], n_threads + 1)[1:-1])
     bounds = [0, *sorted(set(int(c) for c in cuts) - {0, len(docs)}), len(docs)]
+    coded = (codes.codes, codes.meta) if codes is not None else ()
     jobs = [
-        (panels, len(query), vectors, is_f16, docs.dim, offsets, a, b, out, path) for a, b in pairwise(bounds)
+        (panels, len(query), vectors, is_f16, docs.dim, offsets, a, b, out, path, *coded)
+        for a, b in pairwise(bounds)
     ]
     if len(jobs) == 1:
         _maxsim.score(*jobs[0])

@@ -141,6 +141,8 @@ class Index:
         self._where: dict[str, tuple[str, int]] = {}
         self._seen: tuple[int, int] | None = None  # the manifest file our state reflects (None: unknown)
         self._metadata: dict[str, list] = {}  # segment name -> its documents' metadata, for filters
+        # segment name -> (its float16 vectors, them packed for the MaxSim kernel, which keeps int8 codes there)
+        self._packed: dict[str, tuple[np.ndarray, PackedDocuments]] = {}
         self._closed = False
         check_manifest(path, manifest)
         self._install(manifest)
@@ -346,6 +348,7 @@ class Index:
                 where[doc_id] = (seg.name, row)
         self._manifest, self._segments, self._where = manifest, tuple(segments), where
         self._metadata = {s.name: m for s in segments if (m := self._metadata.get(s.name)) is not None}
+        self._packed = {s.name: p for s in segments if (p := self._packed.get(s.name)) and p[0] is s.vectors}
 
     def refresh(self) -> bool:
         """Pick up commits made by other processes; True when something changed."""
@@ -699,6 +702,23 @@ class Index:
         failing = np.fromiter((not matches(m, conditions) for m in metadata), dtype=bool, count=len(metadata))
         return seg.deleted | failing
 
+    def _score_segment(self, seg: Segment, qcat: np.ndarray, starts: np.ndarray, late: bool) -> np.ndarray:
+        """Scores [docs, queries] of one segment for the queries stacked in ``qcat`` (query i from row
+        ``starts[i]``): MaxSim for ColBERT, dot products of unit vectors for dense models."""
+        n_docs = len(seg.ids)
+        if late and seg.scales is None and n_docs and kernel_path(seg.vectors.shape[1]):
+            # float16 MaxSim: the kernel reads the mapped segment in place, one query at a time. The packed
+            # segment is kept: the kernel keeps the rows' int8 codes with it (segments never change).
+            held = self._packed.get(seg.name)
+            if held is None or held[0] is not seg.vectors:
+                held = self._packed[seg.name] = (seg.vectors, PackedDocuments(seg.vectors, seg.offsets))
+            packed = held[1]
+            out = np.empty((n_docs, len(starts)), dtype=np.float32)
+            for i, (a, b) in enumerate(pairwise([*starts, len(qcat)])):
+                out[:, i] = maxsim(qcat[a:b], packed, backend="kernel")
+            return out
+        return maxsim_blocked(qcat, starts, seg.offsets, seg.rows)
+
     def _search_group(
         self, segments: tuple[Segment, ...], qs: list[np.ndarray], k: int, late: bool, conditions: Where
     ) -> list[list[Hit]]:
@@ -710,7 +730,7 @@ class Index:
             starts = np.arange(len(qs))
         parts = []
         for seg in segments:
-            scores = _score_segment(seg, qcat, starts, late)
+            scores = self._score_segment(seg, qcat, starts, late)
             scores[self._excluded(seg, conditions)] = -np.inf
             parts.append(scores)
         if not parts:
@@ -782,7 +802,7 @@ class Index:
     def close(self) -> None:
         """Drop the memory maps; the index object is unusable afterwards."""
         self._segments, self._where, self.encoder, self._closed = (), {}, None, True
-        self._metadata = {}
+        self._metadata, self._packed = {}, {}
 
     def __enter__(self) -> Index:
         return self
@@ -798,20 +818,3 @@ class Index:
         )
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Scoring one segment
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _score_segment(seg: Segment, qcat: np.ndarray, starts: np.ndarray, late: bool) -> np.ndarray:
-    """Scores [docs, queries] of one segment for the queries stacked in ``qcat`` (query i from row
-    ``starts[i]``): MaxSim for ColBERT, dot products of unit vectors for dense models."""
-    n_docs = len(seg.ids)
-    if late and seg.scales is None and n_docs and kernel_path(seg.vectors.shape[1]):
-        # float16 MaxSim: the kernel reads the mapped segment in place, one query at a time.
-        out = np.empty((n_docs, len(starts)), dtype=np.float32)
-        packed = PackedDocuments(seg.vectors, seg.offsets)
-        for i, (a, b) in enumerate(pairwise([*starts, len(qcat)])):
-            out[:, i] = maxsim(qcat[a:b], packed, backend="kernel")
-        return out
-    return maxsim_blocked(qcat, starts, seg.offsets, seg.rows)
