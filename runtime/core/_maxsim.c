@@ -434,13 +434,6 @@ static void query_codes(const float *qt, int dim, int8_t *codes, int32_t *corr, 
     }
 }
 
-/* acc + the sums of 4 products u8 x s8 per lane. In asm: GCC (12) copies every accumulator on each
- * _mm512_dpbusd_epi32, which made the screen 1.6x slower. */
-__attribute__((target("avx512f,avx512vnni"))) static inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
-    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
-    return acc;
-}
-
 /* VPDPBUSD: 8 rows x 32 query rows of int32 sums in 16 zmm registers; per quad of dims, one broadcast of a
  * row's 4 codes and one instruction per half. The sums become similarities with the two scales. */
 __attribute__((target("avx512f,avx512vnni"))) static float screen_doc_vnni(const Screen *s, const Job *job,
@@ -485,8 +478,8 @@ __attribute__((target("avx512f,avx512vnni"))) static float screen_doc_vnni(const
                     int32_t quad;
                     memcpy(&quad, x + (size_t)r * dim + 4 * u, sizeof quad);
                     const __m512i b = _mm512_set1_epi32(quad);
-                    a0[r] = dpbusd(a0[r], b, q0);
-                    a1[r] = dpbusd(a1[r], b, q1);
+                    a0[r] = _mm512_dpbusd_epi32(a0[r], b, q0);
+                    a1[r] = _mm512_dpbusd_epi32(a1[r], b, q1);
                 }
             }
             for (int r = 0; r < nr; r++) {

@@ -8,10 +8,10 @@ Documents are packed into one token matrix with offsets. Two backends give the s
   threads by documents. 5-8x faster than numpy over float16 storage on the bench machine. Its screened
   paths (AMX, VNNI, AVX512-BF16) screen similarities in bf16 or int8 and rescore, with the AVX-512
   path's arithmetic, every row that can hold a maximum: the AVX-512 path's scores bit for bit, and
-  faster (AMX 1.4-2.4x on a 2-core Xeon; on a 2-core Zen 4 AVX512-BF16 1.3x, VNNI 1.9x).
+  faster (AMX 1.4-2.4x on a 2-core Xeon; on a 2-core Zen 4 AVX512-BF16 1.3x, VNNI 1.8x).
   The VNNI path screens int8 codes of the rows, made once per ``PackedDocuments`` whose float16
   vectors cannot change (``pack()``'s, an index's mapped segments) and kept with it: 140 bytes per
-  128-dim row, 55% of the float16 vectors' memory, for about 1.5x over AVX512-BF16.
+  128-dim row, 55% of the float16 vectors' memory, for 1.4x over AVX512-BF16.
 - ``numpy``: one GEMM per block of tokens and a segmented max (``np.maximum.reduceat``); used
   where the kernel has no path (Apple Silicon, other dimensions, no compiler at install).
   ``maxsim_blocked`` is that path for several queries at once over any row reader: the index

@@ -130,6 +130,10 @@ class Index:
     committed when they started); writes are serialised, across processes too, and a search first
     adopts what other processes committed. ``encoder`` may be None to inspect or delete without
     loading a model; adding and searching need it.
+
+    Memory: the vectors stay memory-mapped. Where the MaxSim kernel screens in int8 (``coded_path``:
+    AVX512-VNNI without AMX), the first search of a float16 ColBERT segment makes int8 codes of its rows
+    (55% of the vectors' size, in memory) and keeps them until the segment is merged away or ``close()``.
     """
 
     def __init__(self, path: Path, manifest: dict, encoder=None):
