@@ -263,7 +263,8 @@ def maxsim(
     """Scores [n_docs] float32 of one query [q, dim] against every document.
 
     ``backend`` "auto" takes the kernel where it runs, else numpy; ``threads`` (kernel only)
-    defaults to the CPUs this process may use.
+    defaults to the CPUs this process may use. Where ``coded_path`` is "vnni", the first call over a
+    ``PackedDocuments`` whose float16 vectors cannot change makes their int8 codes and keeps them with it.
     """
     if backend not in ("auto", "kernel", "numpy"):
         raise InvalidInputError(f"backend must be 'auto', 'kernel' or 'numpy', not {backend!r}")
