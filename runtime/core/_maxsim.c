@@ -412,7 +412,7 @@ __attribute__((target("avx512f,f16c"))) static void code_rows(const uint16_t *to
             _mm_storeu_si128((__m128i *)(out + 16 * c), _mm512_cvtepi32_epi8(_mm512_add_epi32(q, offset)));
         }
         const double e = sqrt((double)_mm512_reduce_add_ps(e2)) * (1.0 + 1e-5);
-        const double yy = (double)sc * sc * (double)_mm512_reduce_add_epi32(cc); /* |s c|^2, exact in double */
+        const double yy = (double)sc * sc * (double)_mm512_reduce_add_epi32(cc); /* |s c|^2: an exact sum, one rounding */
         const double xs = (double)_mm512_reduce_add_ps(xx) * (1.0 + 2e-5);
         const double n = sqrt(xs > yy ? xs : yy);
         m[0] = sc, m[1] = round_up(e + (double)Q8_SLACK * n), m[2] = round_up(n);
