@@ -653,13 +653,15 @@ __attribute__((target("avx512f,fma,f16c"))) static void score_screened(const Job
     const size_t cap = (size_t)(longest + 31) / 32 * 32; /* screened rows per pass, whole 32-row steps */
     const size_t lanes = (size_t)passes * QW;
     float doc_max[2] = {0.0f, 0.0f};
+    /* each screen's own buffers: the query's bf16 tiles and two bf16 row blocks, or the query's int8 codes */
     uint16_t *qtiles = int8 ? NULL : aligned_alloc(64, (size_t)passes * steps * 2 * TILE_U16 * sizeof(uint16_t));
+    uint16_t *block0 = int8 ? NULL : aligned_alloc(64, 32 * (size_t)dim * sizeof(uint16_t));
+    uint16_t *block1 = int8 ? NULL : aligned_alloc(64, 32 * (size_t)dim * sizeof(uint16_t));
     int8_t *qcodes = int8 ? aligned_alloc(64, lanes * dim) : NULL;
-    int32_t *qcorr = aligned_alloc(64, lanes * sizeof(int32_t));
-    float *qscale = aligned_alloc(64, lanes * sizeof(float)), *qn = aligned_alloc(64, lanes * sizeof(float));
-    float *eq = aligned_alloc(64, lanes * sizeof(float));
-    Screen s = {dim, passes, qtiles, qcodes, qcorr, qscale, qn, eq,
-                {aligned_alloc(64, 32 * (size_t)dim * sizeof(uint16_t)), aligned_alloc(64, 32 * (size_t)dim * sizeof(uint16_t))},
+    int32_t *qcorr = int8 ? aligned_alloc(64, lanes * sizeof(int32_t)) : NULL;
+    float *qscale = int8 ? aligned_alloc(64, lanes * sizeof(float)) : NULL;
+    float *qn = aligned_alloc(64, lanes * sizeof(float)), *eq = aligned_alloc(64, lanes * sizeof(float));
+    Screen s = {dim, passes, qtiles, qcodes, qcorr, qscale, qn, eq, {block0, block1},
                 aligned_alloc(64, (cap ? cap : 32) * passes * QW * sizeof(float)), cap, int8, doc_max};
     /* A document's candidates, and the rows near a maximum they come from with their lanes */
     const size_t lists = (size_t)passes * 4 * (cap ? cap : 32);
@@ -667,8 +669,8 @@ __attribute__((target("avx512f,fma,f16c"))) static void score_screened(const Job
     Candidates found = {0, cand, cand + lists};
     int *kept = cand + lists + passes * 4;
     uint32_t *hits = (uint32_t *)(kept + (cap ? cap : 32));
-    if (!job->is_f16 || !(qmax <= SCREEN_MAX_QUERY) || (int8 ? !qcodes : !qtiles) || !qcorr || !qscale || !qn ||
-        !eq || !s.blocks[0] || !s.blocks[1] || !s.screen || !cand) {
+    if (!job->is_f16 || !(qmax <= SCREEN_MAX_QUERY) || (int8 ? !qcodes || !qcorr || !qscale : !qtiles || !block0 || !block1) ||
+        !qn || !eq || !s.screen || !cand) {
         score_avx512(job, rows); /* float32 storage, huge query values, or no memory: the FMA path */
         goto done;
     }
