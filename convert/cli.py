@@ -11,7 +11,14 @@ import typer
 from lfm2edge.runtime.core.errors import VerificationError
 from lfm2edge.runtime.frontends.cli_options import JsonFlag, Threads
 
-OUTTYPE_HELP = "f32, f16, bf16, q8_0 (written directly) or q4_0, q4_k_m, q5_k_m, q6_k, ... (llama.cpp's quantizer)"
+OUTTYPE_HELP = (
+    "f32, f16, bf16, q8_0 (written directly), q8_0_mixed (q8_0 with the parts that lose most in bf16, measured "
+    "on the checkpoint) or q4_0, q4_k_m, q5_k_m, q6_k, ... (llama.cpp's quantizer)"
+)
+BF16_PARTS_HELP = (
+    "q8_0_mixed: the parts to keep in bf16 instead of measuring them, comma-separated "
+    "(token_embd, blk.0, blk.1, ..., dense_2); an empty string keeps none"
+)
 
 
 def convert(
@@ -21,6 +28,7 @@ def convert(
     revision: Annotated[str | None, typer.Option(help="hub revision (branch, tag or commit)")] = None,
     threads: Threads = None,
     force: Annotated[bool, typer.Option("--force", help="replace OUTFILE if it exists (a regular file only)")] = False,
+    bf16_parts: Annotated[str | None, typer.Option("--bf16-parts", help=BF16_PARTS_HELP)] = None,
 ) -> None:
     """Convert an LFM2 retriever checkpoint to a GGUF that stock llama.cpp loads, settings inside.
 
@@ -29,8 +37,9 @@ def convert(
     """
     from lfm2edge.convert.pipeline import convert as convert_checkpoint
 
+    parts = None if bf16_parts is None else [p.strip() for p in bf16_parts.split(",") if p.strip()]
     path = convert_checkpoint(
-        model, outfile, outtype, revision=revision, progress=True, n_threads=threads, force=force
+        model, outfile, outtype, revision=revision, progress=True, n_threads=threads, force=force, bf16_parts=parts
     )
     typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 

@@ -8,6 +8,7 @@ half-written GGUF under the final name.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import gguf
@@ -82,7 +83,7 @@ def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
     return int(np.prod(shape)) // block * type_size
 
 
-def _tensor_plan(ckpt: Checkpoint, outtype: gguf.GGMLQuantizationType):
+def _tensor_plan(ckpt: Checkpoint, outtype: gguf.GGMLQuantizationType, bf16_parts: frozenset[str]):
     """(gguf name, numpy shape, type) per tensor, in upstream's order, from shapes alone.
 
     Every shape must be what config.json says (the shapes llama.cpp will expect), so a
@@ -105,7 +106,7 @@ def _tensor_plan(ckpt: Checkpoint, outtype: gguf.GGMLQuantizationType):
     if ckpt.dense_path.exists():
         plan.append(("linear.weight", DENSE_TENSOR, (ckpt.dense_out, ckpt.config.hidden_size)))
     _check_shapes(ckpt, {name: (hf, shape) for hf, name, shape in plan})
-    return [(hf, name, shape, tensor_type(name, shape, outtype)) for hf, name, shape in plan]
+    return [(hf, name, shape, tensor_type(name, shape, outtype, bf16_parts)) for hf, name, shape in plan]
 
 
 def _check_shapes(ckpt: Checkpoint, planned: dict[str, tuple[str, tuple[int, ...]]]) -> None:
@@ -141,11 +142,14 @@ def write_gguf(
     outtype: gguf.GGMLQuantizationType,
     settings: RetrievalSettings,
     progress: bool = False,
+    bf16_parts: Sequence[str] = (),
 ) -> Path:
-    """Write ``ckpt`` to ``outfile`` (atomically), with a progress bar on stderr when asked."""
+    """Write ``ckpt`` to ``outfile`` (atomically), with a progress bar on stderr when asked.
+
+    ``bf16_parts`` (q8_0 only) names the parts whose matmul weights stay bf16 (mixing.py)."""
     outfile = Path(outfile)
     tmp = outfile.with_name(f".{outfile.name}.partial-{os.getpid()}")
-    plan = _tensor_plan(ckpt, outtype)
+    plan = _tensor_plan(ckpt, outtype, frozenset(bf16_parts))
     vocab = load_vocab(ckpt.path, ckpt.config.vocab_size)
     w = gguf.GGUFWriter(tmp, GGUF_ARCH)
     try:

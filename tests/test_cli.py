@@ -16,6 +16,7 @@ import pytest
 
 import lfm2edge
 from lfm2edge.convert.synthetic import make_checkpoint
+from lfm2edge.runtime.core.model_file import describe
 
 COMMANDS = ("convert", "verify", "inspect", "info", "encode", "index", "search", "rerank", "serve", "bench")
 
@@ -88,6 +89,18 @@ def test_convert_exits_0_then_7_without_force_and_2_on_a_bad_type(capsys, colber
     code, _, err = cli(capsys, "convert", colbert_checkpoint, "-o", tmp_path / "x.gguf", "--outtype", "q9_9")
     assert code == 2 and "unknown --outtype 'q9_9'" in err
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_convert_keeps_the_named_parts_in_bf16_and_names_an_unknown_one(capsys, colbert_checkpoint, tmp_path):
+    out = tmp_path / "colbert-mixed.gguf"
+    code, _, _ = cli(capsys, "convert", colbert_checkpoint, "-o", out, "--outtype", "q8_0_mixed",
+                     "--bf16-parts", "token_embd, blk.0")
+    types = {t.name: t.type_name for t in describe(out).header.tensors}
+    assert code == 0 and types["token_embd.weight"] == types["blk.0.ffn_up.weight"] == "BF16"
+    assert types["blk.1.ffn_up.weight"] == "Q8_0"
+    code, _, err = cli(capsys, "convert", colbert_checkpoint, "-o", tmp_path / "x.gguf", "--outtype", "q8_0_mixed",
+                       "--bf16-parts", "blk.0,ffn")
+    assert code == 2 and "unknown part(s) to keep in bf16: 'ffn'" in err and not (tmp_path / "x.gguf").exists()
 
 
 def test_verify_exits_0_then_1_against_another_checkpoint(capsys, colbert_gguf, colbert_checkpoint, tmp_path):

@@ -97,9 +97,10 @@ class ModelFile:
 
     @property
     def matmul_weight_type(self) -> str | None:
-        """The GGUF type of the FFN weights, the file's bulk (what `--outtype` chose); None without them."""
-        ffn = next((t for t in self.header.tensors if t.name.endswith("ffn_up.weight")), None)
-        return ffn.type_name if ffn else None
+        """The GGUF type of most FFN weights, the file's bulk (what `--outtype` chose: q8_0 in a q8_0_mixed
+        file, whose first blocks may be bf16); None without them."""
+        ffn = Counter(t.type_name for t in self.header.tensors if t.name.endswith("ffn_up.weight"))
+        return ffn.most_common(1)[0][0] if ffn else None
 
     def tensor_type_summary(self) -> dict[str, int]:
         return dict(Counter(t.type_name for t in self.header.tensors))
