@@ -94,8 +94,8 @@ def tensor_type(
     """
     if len(shape) <= 1 or name.endswith("_norm.weight") or is_conv_kernel(name):
         return GGMLQuantizationType.F32
-    if outtype is GGMLQuantizationType.Q8_0 and shape[-1] % 32 != 0:
-        return GGMLQuantizationType.F16
     if outtype is GGMLQuantizationType.Q8_0 and part_of(name) in bf16_parts:
         return GGMLQuantizationType.BF16
+    if outtype is GGMLQuantizationType.Q8_0 and shape[-1] % 32 != 0:
+        return GGMLQuantizationType.F16
     return outtype
