@@ -37,9 +37,9 @@ def convert(
     """
     from lfm2edge.convert.pipeline import convert as convert_checkpoint
 
-    parts = None if bf16_parts is None else [p.strip() for p in bf16_parts.split(",") if p.strip()]
     path = convert_checkpoint(
-        model, outfile, outtype, revision=revision, progress=True, n_threads=threads, force=force, bf16_parts=parts
+        model, outfile, outtype, revision=revision, progress=True, n_threads=threads, force=force,
+        bf16_parts=bf16_parts,
     )
     typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 

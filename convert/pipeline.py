@@ -32,7 +32,7 @@ def convert(
     progress: bool = False,
     n_threads: int | None = None,
     force: bool = False,
-    bf16_parts: Sequence[str] | None = None,
+    bf16_parts: Sequence[str] | str | None = None,
 ) -> Path:
     """Convert ``model`` to ``outfile``; f32/f16/bf16/q8_0 directly, the rest via llama.cpp's quantizer.
 
@@ -79,10 +79,12 @@ def convert(
 
 
 def _mixed_parts(
-    ckpt: Checkpoint, bf16_parts: Sequence[str] | None, progress: bool, n_threads: int | None
+    ckpt: Checkpoint, bf16_parts: Sequence[str] | str | None, progress: bool, n_threads: int | None
 ) -> tuple[str, ...]:
     """The parts a q8_0_mixed file keeps in bf16: those given, checked, or those measured on ``ckpt``."""
     colbert = ckpt.dense_path.exists()
+    if isinstance(bf16_parts, str):  # "token_embd,blk.0", as the command line takes them
+        bf16_parts = [p.strip() for p in bf16_parts.split(",") if p.strip()]
     if bf16_parts is not None:
         return check_parts(bf16_parts, ckpt.config.num_hidden_layers, colbert)
     try:

@@ -37,7 +37,9 @@ def _vectors(encoder) -> list[np.ndarray]:
 
 def test_a_mixed_file_keeps_the_named_parts_in_bf16_and_loads(colbert_checkpoint, tmp_path):
     path = convert(colbert_checkpoint, tmp_path / "mixed.gguf", MIXED, bf16_parts=["blk.1", "token_embd"])
+    same = convert(colbert_checkpoint, tmp_path / "same.gguf", MIXED, bf16_parts="token_embd, blk.1")
     types = _types(path)
+    assert _types(same) == types
     assert types["token_embd.weight"] == "BF16"
     assert {t for n, t in types.items() if n.startswith("blk.1.") and t != "F32"} == {"BF16"}
     for name, kind in types.items():
