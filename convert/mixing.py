@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lfm2edge.convert.tensors import DENSE_PART, EMBEDDING_PART, parts_of
+from lfm2edge.convert.verify import row_cosines, sample_texts
 from lfm2edge.runtime.core.errors import InvalidInputError
 
 MIXED = "q8_0_mixed"
@@ -122,17 +123,13 @@ def _outputs(encoder, queries: Sequence[str], documents: Sequence[str]) -> list[
 
 
 def _error(ours: list[np.ndarray], reference: list[np.ndarray]) -> float:
-    a = np.concatenate([np.atleast_2d(x) for x in ours]).astype(np.float64)
-    b = np.concatenate([np.atleast_2d(x) for x in reference]).astype(np.float64)
-    cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
-    return float(np.mean(1.0 - cos))
+    rows = [np.concatenate([np.atleast_2d(x) for x in side]) for side in (ours, reference)]
+    return float(np.mean(1.0 - row_cosines(*rows)))
 
 
 def calibration_texts() -> tuple[list[str], list[str]]:
     """Every eighth query and fifth document of ``verify``'s multilingual sample (all its languages),
     without its one long document: a pass over them takes a few seconds on two cores."""
-    from lfm2edge.convert.verify import sample_texts
-
     queries, documents = sample_texts()
     return queries[::8], [d for d in documents[::5] if len(d) <= 1000]
 

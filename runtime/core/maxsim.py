@@ -230,7 +230,7 @@ def _codes(owner: PackedDocuments, vectors: np.ndarray, threads: int) -> _Codes 
     if vectors.dtype != np.float16 or not _unchangeable(vectors) or not vectors.flags.c_contiguous:
         return None
     kept = owner._codes
-    if kept is not None and kept.source == (vectors.__array_interface__["data"][0], vectors.shape):
+    if kept is not None and kept.source == _source(vectors):
         return kept
     made = _make_codes(vectors, threads)
     object.__setattr__(owner, "_codes", made)  # a cache: the frozen fields are unchanged
@@ -250,7 +250,11 @@ def _make_codes(vectors: np.ndarray, threads: int) -> _Codes:
     for f in futures:
         f.result()
     codes.flags.writeable = meta.flags.writeable = False
-    return _Codes(codes, meta, (vectors.__array_interface__["data"][0], vectors.shape))
+    return _Codes(codes, meta, _source(vectors))
+
+
+def _source(vectors: np.ndarray) -> tuple[int, tuple[int, ...]]:
+    return vectors.__array_interface__["data"][0], vectors.shape
 
 
 def maxsim(

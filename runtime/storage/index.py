@@ -820,5 +820,3 @@ class Index:
             f"Index({str(self.path)!r}, {len(self)} documents, {s.kind.value}, {s.dtype}, "
             f"pool_factor={s.pool_factor})"
         )
-
-
