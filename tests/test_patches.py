@@ -323,6 +323,33 @@ def test_dynamic_int8_runs_bf16_weights_as_int8_for_that_load_only(tmp_path):
 LEFTOVER_TEXT = "a document of some forty tokens about different things " * 6 + "and three more of"
 
 
+def _watched_decode(path, text: str, record, **options) -> None:
+    """One document decode with ``record(address, ask)`` as llama.cpp's eval callback: it sees every node."""
+    import lfm2edge
+    from lfm2edge.runtime.core.llama import EmbeddingContext
+
+    with lfm2edge.load(path, n_threads=2, **options) as enc:
+        ids = enc.prepare_document(text)
+        ctx = EmbeddingContext(enc._model, enc.max_batch_tokens, 1, 2, eval_callback=record)
+        try:
+            ctx.decode([ids], None)
+        finally:
+            ctx.close()
+
+
+def _floats(t, dims: int = 2) -> np.ndarray:
+    """A float32 tensor of ``dims`` (2 or 3) dimensions as llama.cpp left it, copied out through its strides."""
+    import ctypes
+
+    assert t.type == 0  # GGML_TYPE_F32
+    shape = (t.ne[2], t.ne[1], t.ne[0])
+    strides = (t.nb[2], t.nb[1], t.nb[0])
+    size = sum((n - 1) * b for n, b in zip(shape, strides, strict=True)) + 4
+    raw = (ctypes.c_char * size).from_address(t.data)
+    out = np.ndarray(shape, np.float32, raw, strides=strides).copy()
+    return out if dims == 3 else out.reshape(shape[1:])
+
+
 def _captured_matmuls(path, weights, buffers: dict[str, str] | None = None,
                       text: str = "a document of some forty tokens about different things " * 6,
                       **options) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -332,35 +359,22 @@ def _captured_matmuls(path, weights, buffers: dict[str, str] | None = None,
 
     from llama_cpp._ggml import libggml
 
-    import lfm2edge
     from lfm2edge.bench.profile import GgmlTensor
-    from lfm2edge.runtime.core.llama import EmbeddingContext
 
     captured: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     buffer_name = libggml.ggml_backend_buffer_name
     buffer_name.argtypes, buffer_name.restype = [ctypes.c_void_p], ctypes.c_char_p
 
-    def floats(t: GgmlTensor) -> np.ndarray:
-        rows, cols = t.ne[1], t.ne[0]
-        assert t.nb[1] == 4 * cols  # contiguous float32 rows
-        return np.ctypeslib.as_array((ctypes.c_float * (rows * cols)).from_address(t.data)).reshape(rows, cols).copy()
-
     def record(address: int, ask: bool) -> bool:
         node = GgmlTensor.from_address(address)
         weight = GgmlTensor.from_address(node.src[0]).name.decode() if node.src[0] else ""
         if not ask and weight in weights and weight != "token_embd.weight":
-            captured[weight] = floats(GgmlTensor.from_address(node.src[1])), floats(node)
+            captured[weight] = _floats(GgmlTensor.from_address(node.src[1])), _floats(node)
             if buffers is not None:
                 buffers[weight] = buffer_name(GgmlTensor.from_address(node.src[0]).buffer).decode()
         return True
 
-    with lfm2edge.load(path, n_threads=2, **options) as enc:
-        ids = enc.prepare_document(text)
-        ctx = EmbeddingContext(enc._model, enc.max_batch_tokens, 1, 2, eval_callback=record)
-        try:
-            ctx.decode([ids], None)
-        finally:
-            ctx.close()
+    _watched_decode(path, text, record, **options)
     return captured
 
 
@@ -693,6 +707,59 @@ def test_exact_mode_runs_flash_attention_over_f32(colbert_gguf, colbert_referenc
     worst_f16 = min(row_cosines(a, b).min() for a, b in zip(f16, theirs, strict=True))
     assert worst >= 0.99999
     assert worst_f16 < worst  # F16 K and V round; F32 do not
+
+
+def _captured_ropes(path, text: str) -> list[tuple]:
+    """Every RoPE of one document decode: its input and output [tokens, heads, head_dim], the positions,
+    (n_dims, mode) and (freq_base, freq_scale, ext_factor) from its op parameters."""
+    import ctypes
+
+    from lfm2edge.bench.profile import GgmlTensor, _ggml_base
+
+    op_desc = _ggml_base().ggml_op_desc
+    captured = []
+    inputs: list[np.ndarray] = []
+
+    def record(address: int, ask: bool) -> bool:
+        # Asked about every node, so each is computed alone: when the scheduler asks about a RoPE, its input
+        # is there untouched (ggml may compute a RoPE in place, over its input's memory).
+        if op_desc(address) != b"ROPE":
+            return True
+        node = GgmlTensor.from_address(address)
+        if ask:
+            inputs.append(_floats(GgmlTensor.from_address(node.src[0]), 3))
+            return True
+        positions = GgmlTensor.from_address(node.src[1])
+        pos = np.ctypeslib.as_array((ctypes.c_int32 * positions.ne[0]).from_address(positions.data)).copy()
+        floats = np.frombuffer(bytes(node.op_params), dtype=np.float32)
+        captured.append((inputs.pop(), pos, _floats(node, 3),
+                         (node.op_params[1], node.op_params[2]), tuple(float(f) for f in floats[5:8])))
+        return True
+
+    _watched_decode(path, text, record)
+    return captured
+
+
+def test_rope_rotates_by_the_exact_angles_to_float_rounding(colbert_gguf):
+    """The rope-angles-in-double patch: every RoPE of a 300-position decode is the rotation by the exact angles
+    p * base^(-i / half), within 2^-22 of |x_i| + |x_(i+half)| per output. Float angles are off by up to
+    half their ulp (1.5e-5 rad at 255); stock llama.cpp's fail this bound by about 60x."""
+    require_patch("rope-angles-in-double")
+    ropes = _captured_ropes(colbert_gguf, "a document that runs long enough to rotate by big angles " * 30)
+    assert ropes
+    for x, pos, y, (n_dims, mode), (base, freq_scale, ext_factor) in ropes:
+        assert (mode, freq_scale, ext_factor) == (2, 1.0, 0.0)  # NEOX (transformers' rotate_half), no scaling
+        assert pos.max() >= 255 and len(pos) == x.shape[0]
+        half = n_dims // 2
+        angles = (pos[:, None] * np.float64(base) ** (-np.arange(half) / half))[:, None, :]
+        a, b = x[..., :half].astype(np.float64), x[..., half:n_dims].astype(np.float64)
+        cos, sin = np.cos(angles), np.sin(angles)
+        want = np.concatenate([a * cos - b * sin, a * sin + b * cos], -1)
+        bound = 2.0**-22 * np.concatenate([np.abs(a) + np.abs(b)] * 2, -1)
+        excess = np.abs(y[..., :n_dims] - want) / np.maximum(bound, 1e-30)
+        worst = pos[excess.max(axis=(1, 2)).argmax()]
+        assert excess.max() <= 1.0, f"a rotation is {excess.max():.1f}x the bound at position {worst}"
+        assert np.array_equal(y[..., n_dims:], x[..., n_dims:])
 
 
 HUGE_PAGES_CHILD = """
