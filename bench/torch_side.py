@@ -100,8 +100,8 @@ def run(spec: SideSpec, progress: Progress) -> SideOutput:
 
 def reference_vectors(spec: SideSpec) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
     """The fidelity reference: the bench's queries and documents (those every side encodes) through the
-    reference in float64, untimed. PyTorch fp32 rounds at every step too (1 - cosine about 2e-10 from
-    this on the bench's ColBERT), as much as the f32 sides it would judge."""
+    reference in float64, RoPE's angles included, untimed. PyTorch fp32 rounds at every step too (1 - cosine
+    about 4e-10 from this on the bench's ColBERT), as much as the f32 sides it would judge."""
     import torch
 
     from lfm2edge.convert.reference import ReferenceEncoder

@@ -7,7 +7,9 @@ the two things their remote code (``modeling_lfm2_bidirectional.py``) changes:
 2. every short conv is centred: zero padding of ``(L_cache - 1) / 2`` on each side, so that
    ``z_t = w0*u_{t-1} + w1*u_t + w2*u_{t+1}`` with the stored kernel, unflipped.
 
-Causal checkpoints (LFM2-ColBERT v1) keep transformers' behaviour unchanged.
+Causal checkpoints (LFM2-ColBERT v1) keep transformers' behaviour unchanged. In float64 only, RoPE's
+angles are float64 too (``Float64RotaryEmbedding``): transformers computes them in float32 whatever
+the dtype, which a float64 yardstick must not.
 
 The model runs **one unpadded sequence at a time**, exactly what llama.cpp computes. A key mask
 (PyLate's query expansion) hides positions as attention keys only: they stay in the sequence,
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import Lfm2Config, Lfm2Model
-from transformers.models.lfm2.modeling_lfm2 import Lfm2Attention, Lfm2ShortConv
+from transformers.models.lfm2.modeling_lfm2 import Lfm2Attention, Lfm2RotaryEmbedding, Lfm2ShortConv
 
 from lfm2edge.convert.checkpoint import BackboneConfig, Checkpoint, resolve
 from lfm2edge.runtime.core.errors import CheckpointError, InvalidInputError
@@ -71,6 +73,27 @@ class CentredShortConv(Lfm2ShortConv):
         )
         y = (c * z).transpose(-1, -2).contiguous()
         return self.out_proj(y)
+
+
+class Float64RotaryEmbedding(Lfm2RotaryEmbedding):
+    """``Lfm2RotaryEmbedding`` with its angles and their cos/sin in float64, for float64 models.
+
+    transformers computes the angles in float32 whatever the model's dtype (``.float()``), so its float64
+    model kept float32's rounding of angles of a few hundred radians (cos/sin off by 5.6e-7 rms over 256
+    positions): the rounding PyTorch fp32 makes, which then looked nearer "float64" than it is. Installed
+    by swapping ``__class__``; float32 and bfloat16 models keep transformers' own, what their users run.
+    """
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        half = self.inv_freq.shape[0]
+        base = torch.tensor(float(self.config.rope_parameters["rope_theta"]), dtype=torch.float64)
+        inv_freq = base ** (-torch.arange(half, dtype=torch.float64, device=x.device) / half)
+        angles = position_ids[..., None].to(torch.float64) * inv_freq
+        emb = torch.cat((angles, angles), dim=-1)
+        scale = self.attention_scaling
+        return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
 
 
 def additive_key_mask(key_mask: torch.Tensor, dtype: torch.dtype, causal: bool = False) -> torch.Tensor:
@@ -151,6 +174,8 @@ def build_backbone(
             elif isinstance(module, Lfm2Attention):
                 # Only read when no mask is passed; we always pass one, this is a second guard.
                 module.is_causal = False
+    if dtype == torch.float64:
+        model.rotary_emb.__class__ = Float64RotaryEmbedding
     return model.to(dtype).eval().requires_grad_(False)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers.models.lfm2.modeling_lfm2 import Lfm2RotaryEmbedding
 
 from lfm2edge.convert.checkpoint import BackboneConfig, resolve
 from lfm2edge.convert.reference import (
@@ -228,6 +229,27 @@ def test_bf16_weights_float32_outputs(colbert_dir: Path, colbert: ReferenceEncod
     cos = (hidden * want).sum(1) / np.linalg.norm(hidden, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() > 0.98
     assert bf16.token_vectors(ids).dtype == np.float32
+
+
+def test_float64_model_computes_rope_angles_in_float64() -> None:
+    """transformers computes RoPE's angles in float32 whatever the dtype; a float64 yardstick must not,
+    while a float32 model keeps transformers' own (what PyTorch fp32 users run)."""
+    cfg = tiny_config((0,), 1)
+    positions = torch.arange(512).view(1, -1)
+    half = cfg.head_dim // 2
+    angles = np.arange(512)[:, None] * cfg.rope_theta ** (-np.arange(half) / half)
+    exact = np.cos(np.concatenate([angles, angles], axis=1))
+
+    f64 = build_backbone(cfg, random_state(cfg), dtype=torch.float64)
+    cos, sin = f64.rotary_emb(torch.zeros(1, dtype=torch.float64), positions)
+    assert cos.dtype == torch.float64
+    assert np.abs(cos[0].numpy() - exact).max() < 1e-13
+    assert np.abs(sin[0].numpy() - np.sin(np.concatenate([angles, angles], axis=1))).max() < 1e-13
+
+    f32 = build_backbone(cfg, random_state(cfg))
+    assert type(f32.rotary_emb) is Lfm2RotaryEmbedding
+    cos32, _ = f32.rotary_emb(torch.zeros(1), positions)
+    assert np.abs(cos32[0].numpy() - exact).max() > 1e-6  # float32 angles: the rounding float64 must not keep
 
 
 def test_invalid_ids_raise(colbert: ReferenceEncoder) -> None:
