@@ -60,12 +60,16 @@ def _source_digest(modules: Sequence[str]) -> str:
 
 
 CONVERTER_MODULES = ("checkpoint", "pipeline", "quantize", "tensors", "vocab", "writer")
+# q8_0_mixed also measures, through the PyTorch reference, which parts stay bf16.
+MIXING_MODULES = ("mixing", "reference", "verify")
 
 
-def _converter_digest() -> str:
+def _converter_digest(fmt: str) -> str:
+    from lfm2edge.convert.mixing import MIXED
     from lfm2edge.runtime.core.build import build_info
 
-    return _digest(_source_digest(CONVERTER_MODULES), build_info().binding_version)
+    modules = CONVERTER_MODULES + (MIXING_MODULES if fmt == MIXED else ())
+    return _digest(_source_digest(modules), build_info().binding_version)
 
 
 def shape_name(shape) -> str:
@@ -101,7 +105,7 @@ def converted(cache_folder: Path, checkpoint: Path, fmt: str, threads: int, stat
     fmt = fmt.lower()
     if fmt not in OUTTYPES:
         raise InvalidInputError(f"unknown format {fmt!r}; choose among {', '.join(OUTTYPES)}")
-    out = cache_folder / f"{fmt}-{_converter_digest()[:8]}.gguf"
+    out = cache_folder / f"{fmt}-{_converter_digest(fmt)[:8]}.gguf"
     if out.exists():
         return out, None
     cache_folder.mkdir(parents=True, exist_ok=True)

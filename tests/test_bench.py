@@ -374,6 +374,20 @@ def test_default_formats_add_bf16_where_the_cpu_multiplies_it(monkeypatch):
     assert "bf16" not in artifacts._formats_for("late_interaction", None)
 
 
+def test_cached_mixed_files_follow_the_measure_that_chose_their_parts(monkeypatch):
+    """A q8_0_mixed file depends on convert.mixing and the reference too: a change there converts it again;
+    the other formats keep their cached files."""
+    from lfm2edge.bench import artifacts
+
+    sources = {"mixing": b"one"}
+    monkeypatch.setattr(artifacts, "_source_digest",
+                        lambda modules: artifacts._digest(*[sources.get(m, m.encode()) for m in modules]))
+    before = {fmt: artifacts._converter_digest(fmt) for fmt in ("q8_0", "q8_0_mixed")}
+    sources["mixing"] = b"two"
+    assert artifacts._converter_digest("q8_0_mixed") != before["q8_0_mixed"]
+    assert artifacts._converter_digest("q8_0") == before["q8_0"]
+
+
 def test_extra_buffers_off_sides_by_default_only_where_amx_or_the_avx512_kernels_run(monkeypatch):
     from lfm2edge.bench import runner
     from lfm2edge.bench.artifacts import ModelSpec
